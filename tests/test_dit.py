@@ -116,3 +116,27 @@ def test_cache_window_must_fit_training_clips():
     model = tiny(train_frames=6)
     with pytest.raises(ValueError, match="exceeds"):
         model.new_cache(1, window=6)
+
+
+def test_worlds_at_different_frames_match_their_own_rollouts():
+    """Reset one world of a batch mid-rollout: each world still equals its solo rollout."""
+    model = tiny()
+    x0, x, sigma, actions = data(model, 7, batch=2)
+    cache = model.new_cache(2, window=6, sink=1)
+    with torch.no_grad():
+        for i in range(3):  # both worlds play 3 frames
+            model.refresh(x0[:, i:i + 1], actions[:, i:i + 1], cache)
+        cache.reset([1])  # world 1 starts over; world 0 goes on
+        outs = []
+        for i in range(4):
+            j0, j1 = 3 + i, i  # world 0 is at frame 3+i, world 1 at frame i
+            xx = torch.stack([x[0, j0], x[1, j1]])[:, None]
+            ss = torch.stack([sigma[0, j0], sigma[1, j1]])[:, None]
+            aa = torch.stack([actions[0, j0], actions[1, j1]])[:, None]
+            outs.append(model.forward_cached(xx, ss, aa, cache))
+            model.refresh(torch.stack([x0[0, j0], x0[1, j1]])[:, None], aa, cache)
+        solo0, _ = rollout_cached(model, x0[:1], x[:1], sigma[:1], actions[:1], window=6, sink=1)
+        solo1, _ = rollout_cached(model, x0[1:], x[1:], sigma[1:], actions[1:], window=6, sink=1)
+    out = torch.cat(outs, dim=1)
+    torch.testing.assert_close(out[0], solo0[0, 3:7], atol=ATOL, rtol=1e-4)
+    torch.testing.assert_close(out[1], solo1[0, 0:4], atol=ATOL, rtol=1e-4)

@@ -261,6 +261,11 @@ class DiT(nn.Module):
         qcos, qsin = self.rope.time_tables(lay.query_positions.to(x.device), p)
         if lay.valid_slots:
             kcos, ksin = self.rope.time_tables(lay.slot_positions.to(x.device), p)
+        mask = None
+        if lay.key_mask is not None:  # worlds at different frames: mask their empty slots
+            keys = torch.cat([lay.key_mask.repeat_interleave(p, dim=1),
+                              torch.ones(b, f * p, dtype=torch.bool)], dim=1).to(x.device)
+            mask = keys[:, None, None, :]  # (B, 1, 1, Lk): same for every head and query
         layer = 0
 
         def attn_fn(attn: Attention, h: torch.Tensor) -> torch.Tensor:
@@ -269,12 +274,12 @@ class DiT(nn.Module):
             q = self.rope.rotate_time(q, qcos, qsin)
             k, v = self.rope.rotate_time(k_new, qcos, qsin), v_new
             if lay.valid_slots:
-                ck, cv = cache.read(layer)
+                ck, cv = cache.read(layer, lay)
                 k = torch.cat([self.rope.rotate_time(ck, kcos, ksin), k], dim=2)
                 v = torch.cat([cv, v], dim=2)
-            # No mask: the cache holds only valid clean frames of earlier blocks, and the block
-            # itself is bidirectional — exactly the teacher-forcing rule.
-            o = attend(q, k, v, None, attn.backend)
+            # The cache holds only clean frames of earlier blocks and the block itself is
+            # bidirectional — exactly the teacher-forcing rule, so no mask beyond empty slots.
+            o = attend(q, k, v, mask, attn.backend)
             if write:
                 # After attending: in a full ring this slot still holds the frame being evicted,
                 # which this block's queries must see. Stored without the time rotation.

@@ -82,15 +82,18 @@ class Rope3D(torch.nn.Module):
 
     def time_tables(self, positions: torch.Tensor, tokens_per_frame: int
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-token time tables for frame ``positions`` (F,) -> (F * P, t) cos and sin."""
+        """Per-token time tables for frame ``positions`` (..., F) -> (..., F * P, t) cos and sin."""
         if int(positions.max()) >= self.max_frames or int(positions.min()) < 0:
             raise ValueError(f"RoPE time position out of range [0, {self.max_frames}): "
                              f"{positions.tolist()}")
-        cos = self.time_cos[positions].repeat_interleave(tokens_per_frame, dim=0)
-        sin = self.time_sin[positions].repeat_interleave(tokens_per_frame, dim=0)
+        d = positions.dim() - 1
+        cos = self.time_cos[positions].repeat_interleave(tokens_per_frame, dim=d)
+        sin = self.time_sin[positions].repeat_interleave(tokens_per_frame, dim=d)
         return cos, sin
 
     def rotate_time(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Rotate the time dims of ``x`` (B, H, L, D) with per-token tables (L, t)."""
+        """Rotate the time dims of ``x`` (B, H, L, D) with per-token tables (L, t) or (B, L, t)."""
         t = self.dims[0]
+        if cos.dim() == 3:  # per-world positions: broadcast over heads
+            cos, sin = cos[:, None], sin[:, None]
         return torch.cat([_rotate(x[..., :t], cos.to(x.dtype), sin.to(x.dtype)), x[..., t:]], -1)
