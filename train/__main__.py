@@ -1,0 +1,7 @@
+"""`python -m train ...`: see train/app.py."""
+
+import sys
+
+from train.app import main
+
+sys.exit(main())

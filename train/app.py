@@ -1,0 +1,88 @@
+"""The command line: `python -m train stage=<name> data=<dataset dir> model=<size> [key=value ...]`.
+
+Configs are composed with hydra's Compose API (the same call tests use, in-process), not with
+`@hydra.main`: nothing is written to the working directory (no `outputs/`, no chdir, no hydra
+log files) and every output goes to `run_dir`. `data=<dir>` is short for `data.path=<dir>` when
+`<dir>` is not one of the `data/` options (`recorded`, `synthetic`).
+"""
+
+from __future__ import annotations
+
+import sys
+from importlib.resources import files
+from pathlib import Path
+
+from hydra import compose, initialize_config_module
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from train import UsageError
+from train.loop import train
+
+USAGE = """usage: python -m train stage=<stage> data=<dataset dir | synthetic> model=<size> [key=value ...]
+
+  stage   one of: {stages}
+  data    a directory written by `python -m record`, or one of: {data}
+  model   one of: {models}
+  common overrides: steps=<n> run_dir=<dir> runs_root=<dir> init_from=<export dir> device=cpu|cuda
+                    dtype=auto|bf16|fp32 grad_accum=<n> ckpt_every=<n> eval_every=<n> seed=<n>
+  --cfg   print the composed config and exit
+Rerunning the same command resumes from the newest checkpoint in run_dir.
+Multi-GPU: torchrun --nproc-per-node=<n> -m train ... (parallel=ddp|fsdp)."""
+
+
+def options(group: str) -> list[str]:
+    """The choices of one config group: the YAML files in train/configs/<group>/."""
+    return sorted(p.name[:-5] for p in files("train.configs").joinpath(group).iterdir()
+                  if p.name.endswith(".yaml"))
+
+
+def normalize_overrides(overrides: list[str]) -> list[str]:
+    """Check the group choices (naming the valid ones) and expand `data=<dir>` to data.path."""
+    out = []
+    for o in overrides:
+        key, _, value = o.partition("=")
+        if key in ("stage", "model") and value not in options(key):
+            raise UsageError(f"unknown {key} {value!r}; choose one of {options(key)}, "
+                             f"e.g. python -m train {key}={options(key)[0]} ...")
+        if key == "data" and value not in options("data"):
+            out.append(f"data.path={value}")
+            continue
+        out.append(o)
+    return out
+
+
+def compose_config(overrides: list[str]) -> DictConfig:
+    """The composed, not yet resolved, config for these command-line overrides."""
+    try:
+        with initialize_config_module(config_module="train.configs", version_base="1.3"):
+            return compose(config_name="config", overrides=normalize_overrides(overrides))
+    except (HydraException, OmegaConfBaseException) as e:
+        raise UsageError(f"bad override in {overrides}: {e}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(USAGE.format(stages=options("stage"), data=options("data"), models=options("model")))
+        return 0
+    show = "--cfg" in argv
+    argv = [a for a in argv if a != "--cfg"]
+    try:
+        bad = [a for a in argv if "=" not in a]
+        if bad:
+            raise UsageError(f"arguments must be key=value, got {bad}; see python -m train --help")
+        cfg = compose_config(argv)
+        if show:
+            print(OmegaConf.to_yaml(cfg, resolve=True))
+            return 0
+        run_dir = train(cfg)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: rerun the same command to resume from the newest checkpoint", file=sys.stderr)
+        return 130
+    print(f"done: {Path(run_dir) / 'export'}")
+    return 0

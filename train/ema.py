@@ -1,0 +1,52 @@
+"""Exponential moving average of a network's weights (DiT's `update_ema`, as a small class).
+
+The shadow weights are a dict keyed like `net.state_dict()`, not a deep copy of the module, so the
+same code serves plain, DDP and FSDP networks (under FSDP the entries are the local shards).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+
+class EMA:
+    """ema <- decay * ema + (1 - decay) * live for floating tensors; other buffers are copied.
+
+    Parameters and floating buffers (e.g. a tokenizer's latent statistics) are averaged the same
+    way; integer buffers (counters) just follow the live network.
+    """
+
+    def __init__(self, net: nn.Module, decay: float) -> None:
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"EMA decay must be in [0, 1], got {decay}")
+        self.decay = decay
+        self.shadow: dict[str, torch.Tensor] = {}
+        self.reset(net)
+
+    @torch.no_grad()
+    def reset(self, net: nn.Module) -> None:
+        """Start over from the live weights (fp32 copies, whatever the live dtype)."""
+        self.shadow = {k: v.detach().clone().float() if v.is_floating_point() else v.detach().clone()
+                       for k, v in net.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, net: nn.Module) -> None:
+        live = net.state_dict()
+        floats = [k for k, v in self.shadow.items() if v.is_floating_point()]
+        # One fused lerp over all tensors: ema + (1 - decay) * (live - ema).
+        torch._foreach_lerp_([self.shadow[k] for k in floats],
+                             [live[k].detach().float() for k in floats], 1.0 - self.decay)
+        for k, v in self.shadow.items():
+            if not v.is_floating_point():
+                v.copy_(live[k])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"decay": self.decay, "shadow": self.shadow}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.decay = float(state["decay"])
+        for k, v in state["shadow"].items():
+            self.shadow[k].copy_(v)
