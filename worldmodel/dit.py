@@ -136,14 +136,19 @@ class Block(nn.Module):
         nn.init.zeros_(self.ada.weight)
         nn.init.zeros_(self.ada.bias)
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor, attn_fn) -> torch.Tensor:
-        """x (B, F, P, W); cond (B, F, W); attn_fn maps normed tokens (B, F*P, W) -> (B, F*P, W)."""
+    def pre(self, x: torch.Tensor, cond: torch.Tensor, rope: Rope3D):
+        """x (B, F, P, W), cond (B, F, W) -> q, k, v (B, H, F*P, D) and the modulation."""
         b, f, p, w = x.shape
-        sh1, sc1, g1, sh2, sc2, g2 = self.ada(F.silu(cond))[:, :, None].chunk(6, dim=-1)
-        h = modulate(self.norm1(x), sh1, sc1).reshape(b, f * p, w)
-        x = x + g1 * attn_fn(self.attn, h).view(b, f, p, w)
-        x = x + g2 * self.mlp(modulate(self.norm2(x), sh2, sc2))
-        return x
+        mods = self.ada(F.silu(cond))[:, :, None].chunk(6, dim=-1)
+        h = modulate(self.norm1(x), mods[0], mods[1]).reshape(b, f * p, w)
+        q, k, v = self.attn.qkv_heads(h, rope, f)
+        return q, k, v, mods
+
+    def post(self, x: torch.Tensor, o: torch.Tensor, mods) -> torch.Tensor:
+        """Attention output o (B, H, F*P, D) -> updated x (B, F, P, W)."""
+        _, _, g1, sh2, sc2, g2 = mods
+        x = x + g1 * self.attn.out(o).view(x.shape)
+        return x + g2 * self.mlp(modulate(self.norm2(x), sh2, sc2))
 
 
 class DiT(nn.Module):
@@ -222,15 +227,10 @@ class DiT(nn.Module):
         if clean is not None:
             positions = torch.cat([positions, positions])  # both copies share RoPE positions
         cos, sin = self.rope.time_tables(positions, cfg.tokens_per_frame)
-        frames_in_seq = tokens.shape[1]
-
-        def attn_fn(attn: Attention, h: torch.Tensor) -> torch.Tensor:
-            q, k, v = attn.qkv_heads(h, self.rope, frames_in_seq)
-            q, k = self.rope.rotate_time(q, cos, sin), self.rope.rotate_time(k, cos, sin)
-            return attn.out(attend(q, k, v, mask, attn.backend))
-
         for blk in self.blocks:
-            tokens = blk(tokens, cond, attn_fn)
+            q, k, v, mods = blk.pre(tokens, cond, self.rope)
+            q, k = self.rope.rotate_time(q, cos, sin), self.rope.rotate_time(k, cos, sin)
+            tokens = blk.post(tokens, attend(q, k, v, mask, cfg.attention_backend), mods)
         if clean is not None:
             tokens, cond = tokens[:, f:], cond[:, f:]
         return self.unembed(tokens, cond)
@@ -253,7 +253,8 @@ class DiT(nn.Module):
                        device=device or ref.device, dtype=dtype or ref.dtype)
 
     def _cached(self, x: torch.Tensor, sigma: torch.Tensor, actions: torch.Tensor,
-                cache: KVCache, write: bool) -> torch.Tensor:
+                cache: KVCache, write: bool, worlds: list[int] | None = None):
+        """Run one block against the cache -> final tokens and cond (the head is the caller's)."""
         b, f = x.shape[:2]
         p = self.cfg.tokens_per_frame
         tokens, cond = self.embed(x, sigma, actions)
@@ -266,11 +267,8 @@ class DiT(nn.Module):
             keys = torch.cat([lay.key_mask.repeat_interleave(p, dim=1),
                               torch.ones(b, f * p, dtype=torch.bool)], dim=1).to(x.device)
             mask = keys[:, None, None, :]  # (B, 1, 1, Lk): same for every head and query
-        layer = 0
-
-        def attn_fn(attn: Attention, h: torch.Tensor) -> torch.Tensor:
-            nonlocal layer
-            q, k_new, v_new = attn.qkv_heads(h, self.rope, f)
+        for layer, blk in enumerate(self.blocks):
+            q, k_new, v_new, mods = blk.pre(tokens, cond, self.rope)
             q = self.rope.rotate_time(q, qcos, qsin)
             k, v = self.rope.rotate_time(k_new, qcos, qsin), v_new
             if lay.valid_slots:
@@ -279,29 +277,36 @@ class DiT(nn.Module):
                 v = torch.cat([cv, v], dim=2)
             # The cache holds only clean frames of earlier blocks and the block itself is
             # bidirectional — exactly the teacher-forcing rule, so no mask beyond empty slots.
-            o = attend(q, k, v, mask, attn.backend)
+            o = attend(q, k, v, mask, self.cfg.attention_backend)
             if write:
                 # After attending: in a full ring this slot still holds the frame being evicted,
                 # which this block's queries must see. Stored without the time rotation.
-                cache.write(layer, k_new, v_new)
-            layer += 1
-            return attn.out(o)
-
-        for blk in self.blocks:
-            tokens = blk(tokens, cond, attn_fn)
-        return self.unembed(tokens, cond)
+                cache.write(layer, k_new, v_new, worlds)
+            tokens = blk.post(tokens, o, mods)
+        return tokens, cond
 
     def forward_cached(self, x: torch.Tensor, sigma: torch.Tensor, actions: torch.Tensor,
                        cache: KVCache) -> torch.Tensor:
         """Velocity for one block ``x`` (B, k, h, w, c) given the cache; the cache is unchanged."""
-        return self._cached(x, sigma, actions, cache, write=False)
+        return self.unembed(*self._cached(x, sigma, actions, cache, write=False))
 
     @torch.no_grad()
-    def refresh(self, x0: torch.Tensor, actions: torch.Tensor, cache: KVCache) -> None:
-        """Write the clean K/V of block ``x0`` (B, k, h, w, c) at sigma = 0 and advance the cache."""
+    def refresh(self, x0: torch.Tensor, actions: torch.Tensor, cache: KVCache,
+                worlds: list[int] | None = None) -> None:
+        """Write the clean K/V of block ``x0`` (B, k, h, w, c) at sigma = 0 and advance the cache.
+
+        ``worlds``: only these batch rows are written and advanced (the others' rows of ``x0``
+        are computed and discarded), so single worlds of a batch can be re-seeded.
+        """
         sigma = torch.zeros(x0.shape[:2], device=x0.device)
-        self._cached(x0, sigma, actions, cache, write=True)
-        cache.advance(x0.shape[1])
+        self._cached(x0, sigma, actions, cache, write=True, worlds=worlds)  # output head skipped
+        cache.advance(x0.shape[1], worlds)
+
+    def compile_blocks(self, **kwargs) -> None:
+        """torch.compile each block's dense parts; cache bookkeeping stays eager Python."""
+        for blk in self.blocks:
+            blk.pre = torch.compile(blk.pre, dynamic=False, **kwargs)
+            blk.post = torch.compile(blk.post, dynamic=False, **kwargs)
 
 
 def build_dit(size: str = "small", **overrides) -> DiT:

@@ -93,26 +93,28 @@ class KVCache:
         n = layout.valid_slots * self.tokens_per_frame
         return self.k[layer, :, :, :n], self.v[layer, :, :, :n]
 
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor,
+              worlds: list[int] | None = None) -> None:
         """Store a block's clean K/V (B, H, F * P, D) at each world's next frame slots.
 
-        Does not advance the counts: call ``advance(F)`` once after all layers are written.
+        ``worlds``: only these batch rows are stored (default all). Does not advance the counts:
+        call ``advance(F, worlds)`` once after all layers are written.
         """
         p = self.tokens_per_frame
         for j in range(k.shape[2] // p):
             src = slice(j * p, (j + 1) * p)
-            if len(set(self.counts)) == 1:
+            if worlds is None and len(set(self.counts)) == 1:
                 s = self.slot_of(self.counts[0] + j)
                 self.k[layer, :, :, s * p:(s + 1) * p] = k[:, :, src]
                 self.v[layer, :, :, s * p:(s + 1) * p] = v[:, :, src]
                 continue
-            for b in range(self.batch):
+            for b in range(self.batch) if worlds is None else worlds:
                 s = self.slot_of(self.counts[b] + j)
                 self.k[layer, b, :, s * p:(s + 1) * p] = k[b, :, src]
                 self.v[layer, b, :, s * p:(s + 1) * p] = v[b, :, src]
 
-    def advance(self, block_frames: int) -> None:
-        for b in range(self.batch):
+    def advance(self, block_frames: int, worlds: list[int] | None = None) -> None:
+        for b in range(self.batch) if worlds is None else worlds:
             for j in range(block_frames):
                 self.slot_frame[b][self.slot_of(self.counts[b] + j)] = self.counts[b] + j
             self.counts[b] += block_frames

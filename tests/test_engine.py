@@ -1,0 +1,151 @@
+"""The engine's cached few-step rollout is the model's teacher-forcing forward, frame by frame."""
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import make_tiny_world
+from worldmodel import diffusion
+from worldmodel.engine import Engine, EngineConfig
+
+
+def engine(world, batch=1, **kw) -> Engine:
+    return Engine(world, EngineConfig(**{**dict(steps=1, sink=1, dtype="float32", seed=0), **kw}),
+                  batch=batch)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_one_step_rollout_equals_teacher_forcing(batch):
+    """steps=1: x0_i = eps_i - v(eps_i, 1 | clean generated past). The teacher-forcing forward
+    over [generated x0 | noise] must give the same x0 for every frame."""
+    world = make_tiny_world()
+    eng = engine(world, batch=batch)
+    # 2 context + 5 generated frames = sink + window: no eviction, so the full forward is exact
+    ctx = world.context_frames.numpy()[:2]
+    eng.reset(ctx, world.context_actions.numpy()[:2], seed=123)
+    g = torch.Generator().manual_seed(123)
+    actions = np.random.default_rng(0).integers(0, 4, size=(5, batch))
+    latents, noises = [], []
+    for a in actions:
+        eng.step(a)
+        latents.append(eng.latents.clone())
+    c = eng.dit.cfg
+    for _ in actions:
+        noises.append(torch.randn((batch, 1, c.latent_size, c.latent_size, c.latent_channels), generator=g))
+    ctx_lat = eng.tokenizer.encode(torch.from_numpy(ctx))  # (T, h, w, c)
+    clean = torch.cat([ctx_lat[None].expand(batch, *ctx_lat.shape), torch.stack(latents, 1)], 1)
+    noisy = torch.cat([torch.zeros_like(ctx_lat[None].expand(batch, *ctx_lat.shape)), torch.cat(noises, 1)], 1)
+    acts = torch.cat([world.context_actions[None, :2].expand(batch, -1), torch.from_numpy(actions.T)], 1)
+    sigma = torch.ones(acts.shape)
+    with torch.no_grad():
+        v = eng.dit(noisy, sigma, acts, clean=clean)
+    x0 = diffusion.x0_from_velocity(noisy, v, sigma)[:, len(ctx):]
+    torch.testing.assert_close(torch.stack(latents, 1), x0, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4])
+def test_step_count_sets_model_calls(steps):
+    world = make_tiny_world()
+    eng = engine(world, steps=steps)
+    eng.reset(world.context_frames.numpy())
+    calls = []
+    hook = eng.dit.patch_in.register_forward_hook(lambda *a: calls.append(1))
+    eng.step(0)   # steps denoise calls (+ the context's last refresh was already done)
+    n_denoise = len(calls)
+    eng.flush()   # the frame's clean-cache refresh
+    hook.remove()
+    assert n_denoise == steps and len(calls) == steps + 1
+    assert eng.timing["steps"] == steps
+
+
+def test_first_frame_from_noise_uses_first_frame_list():
+    world = make_tiny_world()
+    eng = engine(world, steps=1, first_frame_steps=4)
+    frame = eng.reset(None)
+    assert frame.shape == (1, 32, 32, 3) and frame.dtype == np.uint8
+    assert eng.timing["steps"] == 4
+    eng.step(1)
+    assert eng.timing["steps"] == 1
+
+
+def test_steps_switch_live_and_invalid_values():
+    eng = engine(make_tiny_world(), steps=2)
+    eng.reset(None)
+    eng.steps = 4
+    eng.step(0)
+    assert eng.timing["steps"] == 4
+    with pytest.raises(ValueError, match="steps"):
+        eng.steps = 3
+
+
+def test_invalid_action_message_names_the_actions():
+    eng = engine(make_tiny_world())
+    eng.reset(None)
+    with pytest.raises(ValueError, match=r"invalid action 9.*a0"):
+        eng.step(9)
+    with pytest.raises(ValueError, match="one per world"):
+        eng.step([0, 1])
+
+
+def test_seeded_rollouts_repeat_and_differ_by_seed():
+    world = make_tiny_world()
+    runs = []
+    for seed in (5, 5, 6):
+        eng = engine(world, steps=2)
+        frames = [eng.reset(None, seed=seed)] + [eng.step(a) for a in (0, 1, 2, 3)]
+        runs.append(np.stack(frames))
+    assert np.array_equal(runs[0], runs[1])
+    assert not np.array_equal(runs[0], runs[2])
+
+
+def test_long_rollout_constant_memory_and_finite():
+    world = make_tiny_world()
+    eng = engine(world, steps=1)
+    eng.reset(None)
+    ptr = eng.cache.k.data_ptr()
+    for i in range(40):  # far past window + sink
+        f = eng.step(i % 4)
+    eng.flush()
+    assert eng.cache.k.data_ptr() == ptr and eng.cache.counts == [40 + 1]
+    assert np.isfinite(eng.latents.numpy()).all()
+    assert f.shape == (1, 32, 32, 3)
+
+
+def test_reset_one_world_keeps_the_others():
+    world = make_tiny_world()
+    eng = engine(world, batch=2, steps=1)
+    eng.reset(world.context_frames.numpy())
+    for a in range(3):
+        eng.step(a)
+    eng.flush()
+    eng.reset(world.context_frames.numpy()[:2], worlds=[1])
+    assert eng.cache.counts == [len(world.context_frames) + 3, 2]
+    out = eng.step([0, 1])
+    assert out.shape == (2, 32, 32, 3)
+
+
+def test_chunkwise_engine_buffers_a_block():
+    world = make_tiny_world(frames_per_block=2)
+    eng = engine(world, steps=2)
+    eng.reset(world.context_frames.numpy())
+    calls = []
+    hook = eng.dit.patch_in.register_forward_hook(lambda *a: calls.append(1))
+    eng.step(0)
+    first = len(calls)
+    eng.step(1)  # second frame of the block: no model call
+    hook.remove()
+    assert first == 2 and len(calls) == 2
+
+
+def test_image_file_context(tmp_path):
+    import cv2
+    world = make_tiny_world()
+    img = np.zeros((50, 70, 3), np.uint8)
+    img[10:20, 10:20] = 255
+    path = tmp_path / "start.png"
+    cv2.imwrite(str(path), img)
+    eng = engine(world)
+    frame = eng.reset(str(path))
+    assert frame.shape == (1, 32, 32, 3) and frame.max() == 255
+    with pytest.raises(ValueError, match="cannot read image"):
+        eng.reset(str(tmp_path / "missing.png"))

@@ -1,0 +1,271 @@
+"""The frame-by-frame engine: action in, frame out, over a rolling KV cache of past frames.
+
+One ``step(actions)`` call (DESIGN.md §3): fresh noise for the next frame -> the few-step
+sampler (1, 2 or 4 model calls against the cache; the 4-step first-frame list when the cache is
+empty) -> decode -> uint8 frame returned at once. The clean-cache refresh of that frame (one more
+call at sigma = 0) is left *pending* and runs at the start of the next step, or earlier when the
+caller has idle time (``flush()``, e.g. while a play loop waits for its next tick), so it is off
+the key-to-frame path.
+
+Chunk-wise models (``frames_per_block = k > 1``) generate k frames per block from the action
+given at the block's first frame; the next k-1 steps return the buffered frames (their actions
+cannot change them — that coarser control is what the chunk-wise baseline costs).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from worldmodel import diffusion, samplers
+from worldmodel.checkpoint import World, load_world
+
+
+def auto_dtype(device: torch.device | str) -> torch.dtype:
+    """bf16 where the hardware has bf16 matrix units (CUDA, or CPUs oneDNN runs bf16 on), else fp32."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    if device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+@dataclass
+class EngineConfig:
+    """Run-time settings; a world checkpoint's ``engine`` entry provides the defaults."""
+
+    steps: int = 2                 # denoising steps per frame (few-step sampler: 1, 2 or 4)
+    first_frame_steps: int = 4     # steps for a block generated with an empty cache
+    sampler: str = "few_step"      # "few_step" (distilled students) or "euler" (teachers)
+    cfg_scale: float = 1.0         # action guidance, standard form; 1 = off (euler only)
+    shift: float = diffusion.DEFAULT_SHIFT
+    window: int | None = None      # cached frames besides sinks; None = as many as training allows
+    sink: int = 1
+    device: str = "cpu"
+    dtype: str = "auto"            # "auto", "float32" or "bfloat16"
+    compile: bool = False
+    seed: int | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "EngineConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+class Engine:
+    """Batched world-model runtime for ``batch`` worlds; see the module docstring."""
+
+    def __init__(self, world: World, config: EngineConfig | None = None, batch: int = 1) -> None:
+        self.config = cfg = config or EngineConfig.from_dict(world.engine)
+        self.device = torch.device(cfg.device)
+        self.dtype = auto_dtype(self.device) if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
+        self.world = world
+        self.dit = world.dit.to(self.device, self.dtype).eval()
+        self.tokenizer = world.tokenizer.to(self.device, self.dtype).eval()
+        for name, buf in self.tokenizer.named_buffers():  # latent statistics stay fp32
+            if "latent_" in name:
+                buf.data = buf.data.float()
+        self.reward = world.reward.to(self.device, self.dtype).eval() if world.reward else None
+        if cfg.compile:
+            self.dit.compile_blocks()
+            self.tokenizer.decoder = torch.compile(self.tokenizer.decoder, dynamic=False)
+        self.batch = batch
+        self.block = self.dit.cfg.frames_per_block
+        sink = -(-cfg.sink // self.block) * self.block  # whole blocks: round sinks up
+        window = cfg.window
+        if window is None:  # the largest window whose positions stay inside the training clips
+            window = self.dit.cfg.train_frames - sink - self.block
+            window -= window % self.block
+        self.cache = self.dit.new_cache(batch, window=window, sink=sink)
+        self.steps = cfg.steps
+        self.first_frame_steps = cfg.first_frame_steps
+        self.generator = torch.Generator(self.device)
+        self.generator.manual_seed(cfg.seed if cfg.seed is not None else torch.seed())
+        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._buffer: list[np.ndarray] = []
+        self.latents: torch.Tensor | None = None  # (B, h, w, c) latents of the last frame shown
+        self.frame_index = 0
+        self.timing: dict[str, float] = {}
+
+    @classmethod
+    def load(cls, path: str | Path, batch: int = 1, **overrides) -> "Engine":
+        """Load a world checkpoint; ``overrides`` replace its engine defaults."""
+        world = load_world(path)
+        return cls(world, EngineConfig.from_dict({**world.engine, **overrides}), batch=batch)
+
+    # ---- properties ---------------------------------------------------------------------------
+    @property
+    def action_names(self) -> list[str]:
+        return self.world.action_names
+
+    @property
+    def num_actions(self) -> int:
+        return len(self.world.action_names)
+
+    @property
+    def frame_shape(self) -> tuple[int, int, int]:
+        return self.tokenizer.config.frame_shape
+
+    @property
+    def steps(self) -> int:
+        return self._steps
+
+    @steps.setter
+    def steps(self, value: int) -> None:
+        """Change the step count; takes effect at the next generated frame."""
+        if self.config.sampler == "few_step" and value not in diffusion.STEP_COUNTS:
+            raise ValueError(f"steps must be one of {diffusion.STEP_COUNTS}, got {value}")
+        if value < 1:
+            raise ValueError(f"steps must be >= 1, got {value}")
+        self._steps = int(value)
+
+    # ---- public API ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def reset(self, context=None, actions=None, *, seed: int | None = None,
+              worlds: list[int] | None = None) -> np.ndarray:
+        """Start worlds over; returns their current frames, uint8 (B, H, W, 3).
+
+        ``context``: None (first frame from noise, first-frame step list), real frames uint8
+        (T, H, W, 3) shared by all worlds or (B, T, H, W, 3) per world (any size: resized), or the
+        path of an image file. ``actions`` (T,) / (B, T): the actions that led to those frames
+        (default: unknown, -1). ``worlds``: reset only these batch rows (default all).
+        """
+        if seed is not None:
+            self.generator.manual_seed(seed)
+        self._pending_flush()
+        rows = list(range(self.batch)) if worlds is None else list(worlds)
+        self.cache.reset(rows)
+        if worlds is None:
+            self._buffer = []
+            self.frame_index = 0
+        if context is None:
+            null = torch.full((self.batch,), -1, dtype=torch.long)
+            frames, latents = self._generate(null, worlds=rows)
+        else:
+            frames, latents = self._seed_context(context, actions, rows)
+        if self.latents is None or worlds is None:
+            self.latents = latents
+        else:
+            self.latents[rows] = latents[rows]
+        return frames
+
+    @torch.no_grad()
+    def step(self, actions) -> np.ndarray:
+        """Advance every world by one frame under ``actions`` (int or (B,)); uint8 (B, H, W, 3)."""
+        acts = self._check_actions(actions)
+        self.frame_index += 1
+        if self._buffer:  # chunk-wise: frames of the current block are already made
+            self.timing = {"total_ms": 0.0}
+            return self._buffer.pop(0)
+        frames, latents = self._generate(acts)
+        self.latents = latents
+        return frames
+
+    def flush(self) -> None:
+        """Run the pending clean-cache refresh now (call it while idle, e.g. waiting for a tick)."""
+        with torch.no_grad():
+            self._pending_flush()
+
+    # ---- internals ----------------------------------------------------------------------------
+    def _check_actions(self, actions) -> torch.Tensor:
+        a = np.asarray(actions, dtype=np.int64).reshape(-1)
+        if a.size == 1 and self.batch > 1:
+            a = np.repeat(a, self.batch)
+        if a.size != self.batch:
+            raise ValueError(f"expected {self.batch} actions (one per world), got {a.size}")
+        bad = a[(a < 0) | (a >= self.num_actions)]
+        if bad.size:
+            raise ValueError(f"invalid action {int(bad[0])}: this world has {self.num_actions} "
+                             f"actions, ids 0..{self.num_actions - 1} = {self.action_names}")
+        return torch.from_numpy(a)
+
+    def _pending_flush(self) -> float:
+        """Run the pending refresh if any; returns its time in ms (0 if there was none)."""
+        if self._pending is None:
+            return 0.0
+        t0 = time.perf_counter()
+        x0, acts, rows = self._pending
+        self._pending = None
+        self.dit.refresh(x0, acts, self.cache, worlds=rows)
+        return (time.perf_counter() - t0) * 1e3
+
+    def _denoiser(self, acts: torch.Tensor):
+        """x0-denoiser for one block against the cache, with optional action CFG."""
+        def cond(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+            v = self.dit.forward_cached(x, sigma, acts, self.cache)
+            return diffusion.x0_from_velocity(x, v, sigma)
+
+        if self.config.cfg_scale == 1.0:
+            return cond
+        null = torch.full_like(acts, -1)
+
+        def uncond(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+            v = self.dit.forward_cached(x, sigma, null, self.cache)
+            return diffusion.x0_from_velocity(x, v, sigma)
+
+        return samplers.cfg_denoiser(cond, uncond, self.config.cfg_scale)
+
+    def _sigmas(self, first: bool) -> torch.Tensor:
+        n = self.first_frame_steps if first else self.steps
+        if self.config.sampler == "euler":
+            return diffusion.grid(n, self.config.shift)
+        return diffusion.step_list(n, self.config.shift)
+
+    def _generate(self, acts: torch.Tensor, worlds: list[int] | None = None):
+        """Make one block for every world; decode; leave its refresh pending."""
+        t0 = time.perf_counter()
+        refresh_ms = self._pending_flush()  # 0 when the caller already flushed while idle
+        t1 = time.perf_counter()
+        k, cfg = self.block, self.dit.cfg
+        block_acts = acts.to(self.device)[:, None].repeat(1, k)  # (B, k)
+        rows = worlds if worlds is not None else list(range(self.batch))
+        first = all(self.cache.counts[b] == 0 for b in rows)
+        noise = torch.randn((self.batch, k, cfg.latent_size, cfg.latent_size, cfg.latent_channels),
+                            generator=self.generator, device=self.device)
+        sample = samplers.euler if self.config.sampler == "euler" else samplers.few_step
+        x0 = sample(self._denoiser(block_acts), noise, self._sigmas(first), generator=self.generator)
+        t2 = time.perf_counter()
+        frames = self.tokenizer.decode(x0).cpu().numpy()  # (B, k, H, W, 3) uint8
+        t3 = time.perf_counter()
+        self._pending = (x0, block_acts, worlds)
+        self.timing = {"refresh_ms": refresh_ms, "denoise_ms": (t2 - t1) * 1e3, "decode_ms": (t3 - t2) * 1e3,
+                       "total_ms": (t3 - t0) * 1e3, "steps": len(self._sigmas(first))}
+        self._buffer = [frames[:, j] for j in range(1, k)]
+        return frames[:, 0], x0[:, -1]
+
+    def _seed_context(self, context, actions, rows: list[int]):
+        """Encode real frames and write them into the cache of worlds ``rows``."""
+        h, w, _ = self.frame_shape
+        if isinstance(context, (str, Path)):
+            img = cv2.imread(str(context), cv2.IMREAD_COLOR)
+            if img is None:
+                raise ValueError(f"cannot read image {context}: give a PNG/JPEG file path")
+            context = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)[None]
+        ctx = np.asarray(context)
+        if ctx.dtype != np.uint8 or ctx.ndim not in (4, 5) or ctx.shape[-1] != 3:
+            raise ValueError(f"context must be uint8 frames (T, H, W, 3) or (B, T, H, W, 3), got "
+                             f"{ctx.dtype} {ctx.shape}")
+        if ctx.ndim == 4:
+            ctx = np.repeat(ctx[None], self.batch, axis=0)
+        if ctx.shape[2:4] != (h, w):
+            ctx = np.stack([[cv2.resize(f, (w, h), interpolation=cv2.INTER_AREA) for f in seq]
+                            for seq in ctx])
+        t = ctx.shape[1]
+        acts = np.full((self.batch, t), -1, np.int64) if actions is None else np.array(
+            np.broadcast_to(np.asarray(actions, np.int64), (self.batch, t)))
+        keep = t - t % self.block if t >= self.block else 0  # whole blocks only, newest kept
+        if keep == 0:
+            raise ValueError(f"context needs at least {self.block} frames for this chunk-wise model")
+        ctx, acts = ctx[:, t - keep:], acts[:, t - keep:]
+        latents = self.tokenizer.encode(torch.from_numpy(np.ascontiguousarray(ctx)).to(self.device))
+        acts_t = torch.from_numpy(np.ascontiguousarray(acts)).to(self.device)
+        for s in range(0, keep, self.block):
+            self.dit.refresh(latents[:, s:s + self.block], acts_t[:, s:s + self.block], self.cache,
+                             worlds=rows)
+        return np.ascontiguousarray(ctx[:, -1]), latents[:, -1]
