@@ -1,0 +1,89 @@
+"""The tokenizer stage end to end on synthetic sprites, and the latent cache built from its export."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from train.app import compose_config
+from train.data import SyntheticConfig, SyntheticSource, build_batches
+from train.latents import FILE, LatentSource, tokenizer_key
+from train.loop import train
+from train.objectives.tokenizer import (TokenizerStageConfig, WEIGHTS, foreground_mask, load_tokenizer,
+                                        reconstruction_loss)
+
+STEPS = 24
+
+
+@pytest.fixture(scope="module")
+def tokenizer_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("runs")
+    cfg = compose_config([
+        "stage=tokenizer", "data=synthetic", "model=tiny", f"runs_root={root}", f"steps={STEPS}",
+        "stage.lr=3e-3", "stage.warmup_steps=5", "stage.norm_batches=2", "data.batch_size=12",
+        "eval_every=12", "log_every=4", "progress=false", "device=cpu"])
+    return train(cfg)
+
+
+def test_tokenizer_loss_decreases_and_exports(tokenizer_run: Path) -> None:
+    records = [json.loads(line) for line in (tokenizer_run / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["tokenizer/loss"] for r in records if "tokenizer/loss" in r]
+    assert losses[-1] < 0.8 * losses[0], losses
+    evals = [r for r in records if "eval/psnr" in r]
+    assert [r["step"] for r in evals] == [12, 24] and evals[-1]["eval/psnr"] > evals[0]["eval/psnr"]
+    # The export loads on its own and its latents are normalised on the data.
+    tok = load_tokenizer(tokenizer_run / "export")
+    src = SyntheticSource(SyntheticConfig(), 64)
+    frames = torch.cat([src.clip(i, 0, 16)["frames"] for i in range(8)])
+    latents = tok.encode(frames)
+    assert latents.shape == (128, 8, 8, tok.config.latent_channels)
+    assert latents.mean((0, 1, 2)).abs().max() < 0.5
+    assert ((latents.std((0, 1, 2)) - 1).abs() < 0.5).all()
+    assert tok.decode(latents).dtype == torch.uint8
+
+
+def test_foreground_term_sees_a_missing_sprite() -> None:
+    """A 2x2 ball lost from a 64x64 frame barely moves L1, but dominates the foreground term."""
+    target = -torch.ones(1, 3, 64, 64)
+    target[..., 30:32, 30:32] = 1.0
+    recon = -torch.ones(1, 3, 64, 64)  # the background only
+    assert foreground_mask(target, 0.1).sum() == 4
+    cfg = TokenizerStageConfig(l1=1.0, edge=0.0, foreground=4.0)
+    loss, logs = reconstruction_loss(recon, target, cfg)
+    assert logs["l1"] < 0.002 and logs["fg_l1"] == pytest.approx(2.0)
+    assert loss > 1000 * logs["l1"]
+
+
+def test_latent_cache_is_keyed_by_tokenizer_weights(tokenizer_run: Path, tmp_path: Path) -> None:
+    export = tokenizer_run / "export"
+    cfg = compose_config(["stage=tokenizer", "data=synthetic", f"data.tokenizer={export}", "data.latents=true",
+                          f"data.cache_dir={tmp_path / 'cache'}", "data.clip_len=4", "data.batch_size=2",
+                          "data.synthetic.episodes=3", "data.synthetic.episode_len=8"])
+    kw = dict(seed=0, rank=0, world_size=1, device=torch.device("cpu"), run_dir=tmp_path)
+    batch = next(build_batches(cfg.data, **kw))
+    assert batch["latents"].shape == (2, 4, 8, 8, 8) and batch["latents"].dtype == torch.float32
+    assert batch["actions"].shape == (2, 4)
+    first = next((tmp_path / "cache").iterdir())
+    assert first.name.endswith(tokenizer_key(export))
+    # The cached latents are the tokenizer's encoding of the same frames.
+    tok = load_tokenizer(export)
+    src = SyntheticSource(SyntheticConfig(episodes=3, episode_len=8), 64)
+    cached = LatentSource(first).clip(1, 2, 4)
+    assert torch.allclose(cached["latents"], tok.encode(src.clip(1, 2, 4)["frames"]), atol=2e-2)
+    assert torch.equal(cached["actions"], src.clip(1, 2, 4)["actions"])
+    # A retrained tokenizer (other weights) gets a new cache; the stale one is removed.
+    changed = tmp_path / "export2"
+    changed.mkdir()
+    (changed / "tokenizer.json").write_text((export / "tokenizer.json").read_text())
+    weights = load_file(str(export / WEIGHTS))
+    weights["latent_std"] = weights["latent_std"] * 2
+    save_file(weights, str(changed / WEIGHTS))
+    cfg.data.tokenizer = str(changed)
+    next(build_batches(cfg.data, **kw))
+    dirs = list((tmp_path / "cache").iterdir())
+    assert len(dirs) == 1 and dirs[0] != first and (dirs[0] / FILE).exists()
+    assert dirs[0].name.endswith(tokenizer_key(changed))
