@@ -1,0 +1,132 @@
+"""Inference benchmark: first-frame latency, per-frame latency and FPS by step count and block size.
+
+    python -m worldmodel.bench [--json] [--model small] [--threads N] [--compile] [--dtype auto]
+
+Random weights at a named size (speed does not depend on the values). Each configuration runs
+the real ``Engine``: a frame costs K denoising calls + decode + the clean-cache refresh, all
+timed (the refresh is included even though the engine can hide it in idle time). Steady-state
+numbers are taken with a full cache (window + sink frames). Beside each time the compute floor
+is printed: FLOPs counted by ``torch.utils.flop_counter`` divided by a measured matmul rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import sys
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from worldmodel.checkpoint import World
+from worldmodel.dit import DIT_SIZES, build_dit
+from worldmodel.engine import Engine, EngineConfig, auto_dtype
+from worldmodel.tokenizer import Tokenizer, tokenizer_config
+
+CONFIGS = {  # name -> (denoising steps, frames per block)
+    "framewise_1step": (1, 1),
+    "framewise_2step": (2, 1),
+    "framewise_4step": (4, 1),
+    "chunkwise_4step": (4, 3),
+}
+
+
+def random_world(size: str, frames_per_block: int, train_frames: int = 16, num_actions: int = 8) -> World:
+    tok = Tokenizer(tokenizer_config("small"))
+    dit = build_dit(size, latent_size=tok.config.latent_size, latent_channels=tok.config.latent_channels,
+                    num_actions=num_actions, frames_per_block=frames_per_block,
+                    train_frames=train_frames, max_frames=max(64, train_frames))
+    return World(dit=dit, tokenizer=tok, action_names=[f"a{i}" for i in range(num_actions)])
+
+
+def matmul_rate(width: int, dtype: torch.dtype, tokens: int = 64, reps: int = 50) -> float:
+    """Measured GFLOP/s of a transformer-shaped matmul (tokens x W) @ (W x 4W)."""
+    a, b = torch.randn(tokens, width, dtype=dtype), torch.randn(width, 4 * width, dtype=dtype)
+    for _ in range(5):
+        a @ b
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * tokens * width * 4 * width * reps / (time.perf_counter() - t) / 1e9
+
+
+def bench_config(size: str, steps: int, block: int, dtype: str, compile_: bool, frames: int,
+                 train_frames: int) -> dict:
+    world = random_world(size, block, train_frames)
+    eng = Engine(world, EngineConfig(steps=steps, first_frame_steps=4, dtype=dtype, compile=compile_,
+                                     sink=block, seed=0))
+    if compile_:  # warm the compiled graphs (cold compile is not a latency a player sees twice)
+        eng.reset(None)
+        for _ in range(eng.cache.slots + 2):
+            eng.step(0)
+    t = time.perf_counter()
+    eng.reset(None)  # first block from noise, 4-step list, decode included
+    first_ms = (time.perf_counter() - t) * 1e3
+    eng.flush()
+    while min(eng.cache.counts) < eng.cache.slots:  # fill the cache: steady state
+        eng.step(0)
+        eng.flush()
+    times = []
+    for i in range(frames):
+        t = time.perf_counter()
+        eng.step(i % world.dit.cfg.num_actions)
+        eng.flush()  # the refresh is part of every frame's cost
+        times.append((time.perf_counter() - t) * 1e3)
+    # chunk-wise: block cost is spread over its frames; average whole blocks
+    n = len(times) - len(times) % block
+    frame_ms = statistics.fmean(times[:n]) if block > 1 else statistics.median(times)
+    with FlopCounterMode(display=False) as fc:
+        eng.step(0)
+        eng.flush()
+        if block > 1:
+            for _ in range(block - 1):
+                eng.step(0)
+    flops = fc.get_total_flops() / block
+    return {"first_frame_ms": round(first_ms, 2), "frame_ms": round(frame_ms, 2),
+            "fps": round(1e3 / frame_ms, 1), "flops_per_frame": int(flops),
+            "dtype": str(eng.dtype).removeprefix("torch.")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m worldmodel.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="small", choices=sorted(DIT_SIZES))
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the dense parts")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    p.add_argument("--frames", type=int, default=60, help="timed steady-state frames per config")
+    p.add_argument("--train-frames", type=int, default=16, help="clip length: sets the cache size")
+    p.add_argument("--only", nargs="*", choices=sorted(CONFIGS), help="run only these configs")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    dtype = auto_dtype("cpu") if args.dtype == "auto" else getattr(torch, args.dtype)
+    width = DIT_SIZES[args.model]["width"]
+    rate = matmul_rate(width, dtype)
+    out: dict = {"model": args.model, "threads": torch.get_num_threads(), "compile": args.compile,
+                 "dtype": str(dtype).removeprefix("torch."), "matmul_gflops": round(rate, 1)}
+    for name in args.only or CONFIGS:
+        steps, block = CONFIGS[name]
+        r = bench_config(args.model, steps, block, args.dtype, args.compile, args.frames, args.train_frames)
+        r["floor_ms"] = round(r["flops_per_frame"] / rate / 1e6, 2)
+        out[name] = r
+        if not args.json:
+            print(f"{name:16s} first frame {r['first_frame_ms']:7.1f} ms | frame {r['frame_ms']:6.2f} ms "
+                  f"({r['fps']:5.1f} FPS) | {r['flops_per_frame'] / 1e9:5.2f} GFLOP/frame, "
+                  f"compute floor {r['floor_ms']:5.2f} ms", flush=True)
+    out["flops_per_frame"] = out[(args.only or list(CONFIGS))[0]]["flops_per_frame"]
+    out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        print(f"matmul {out['matmul_gflops']} GFLOP/s ({out['dtype']}, {out['threads']} threads), "
+              f"peak RSS {out['peak_rss_mb']} MB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
