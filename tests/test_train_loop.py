@@ -52,6 +52,8 @@ class Toy(Objective):
         self.critic = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1))
         self.frozen = nn.Linear(3, 3)  # checkpointed, never trained
         self.calls: list[tuple[int, str]] = []
+        self.shared: list[int] = []   # ctx.shared_randint draws: must agree across ranks
+        self.private: list[float] = []  # plain torch.rand draws: must differ across ranks
         Toy.last = self
 
     def networks(self) -> dict[str, nn.Module]:
@@ -73,6 +75,8 @@ class Toy(Objective):
         if name == "gen":  # through the (wrapped) module's forward, as every objective must
             x = torch.ones(1, 3, device=self.ctx.device)
             return -nets["gen"](x).float().sum(), {}
+        self.shared.append(int(self.ctx.shared_randint(0, 10**6)))
+        self.private.append(float(torch.rand(())))
         x = batch["frames"].float().mean(dim=(1, 2, 3)) / 255.0  # (B, 3)
         target = x.sum(-1, keepdim=True) + 0.1 * torch.randn(x.shape[0], 1, device=x.device)
         pred = nets["critic"](nets["frozen"](x))
@@ -183,7 +187,8 @@ def _worker(rank: int, world: int, port: int, run_root: str, out: str) -> None:
         toy = Toy.last
         # Under FSDP the live weights are shards: compare the gathered (checkpointed) ones.
         ck = load_checkpoint(latest_checkpoint(Path(run_root) / parallel))
-        result[parallel] = {"checkpoint": ck["networks"], "calls": toy.calls}
+        result[parallel] = {"checkpoint": ck["networks"], "calls": toy.calls, "shared": toy.shared,
+                            "private": toy.private}
         if parallel == "ddp":
             result[parallel]["live"] = {k: v.detach().clone() for k, v in toy.critic.state_dict().items()}
     torch.save(result, Path(out) / f"rank{rank}.pt")
@@ -196,6 +201,9 @@ def test_two_process_ddp_and_fsdp_keep_ranks_identical(tmp_path: Path) -> None:
     assert_same(r0["ddp"]["live"], r1["ddp"]["live"])
     # Both ranks did the same updates in the same order (collectives line up).
     assert r0["ddp"]["calls"] == r1["ddp"]["calls"]
+    # Shared random choices agree; per-rank noise does not.
+    assert r0["ddp"]["shared"] == r1["ddp"]["shared"] and len(set(r0["ddp"]["shared"])) > 1
+    assert all(a != b for a, b in zip(r0["ddp"]["private"], r1["ddp"]["private"]))
     # The ranks saw different data (sharded), yet DDP and FSDP train the same model the same way.
     for k, v in r0["ddp"]["checkpoint"]["critic"].items():
         assert torch.allclose(v, r0["fsdp"]["checkpoint"]["critic"][k], atol=1e-5), k
