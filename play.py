@@ -1,0 +1,281 @@
+"""Play a world model with the keyboard: ``python play.py [--checkpoint FILE | --world NAME]``.
+
+Each frame: the held keys go through the world's keymap to an action id, the world-model env
+makes the next frame, and it is on screen at once; the engine's cache refresh runs after the
+flip, while the loop would otherwise wait for its next tick.
+
+Controls (besides the world's own keys, printed at start):
+    H  HUD on/off          R  reset (new context)     1 / 2 / 4  denoising steps
+    P  pause               .  one frame while paused  V  start/stop mp4 of the dream
+    C  start/stop recording a dataset episode          Tab  real game side by side
+    Esc  quit
+Headless (no window, same loop): ``python play.py --headless --frames 300 --policy random --out dream.mp4``
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")  # before pygame is imported: no banner
+
+import pygame  # noqa: E402
+import torch  # noqa: E402
+
+from envs.play.controllers import Controller, HeldKeys, make_controller  # noqa: E402
+from envs.play.hud import FrameStats, Hud  # noqa: E402
+from envs.play.real_game import RealGame  # noqa: E402
+from envs.play.recording import SessionRecorder  # noqa: E402
+from envs.play.video import VideoWriter  # noqa: E402
+from envs.play.window import FrameWindow, display_available  # noqa: E402
+from envs.world_model_env import WorldModelEnv  # noqa: E402
+
+# play.py's own keys (pygame key names); they never reach the world's keymap
+UI_KEYS = frozenset({"escape", "h", "r", "1", "2", "4", "p", ".", "v", "c", "tab"})
+NOTICE_SECONDS = 2.5  # how long a one-line message stays on the HUD
+HEADLESS_FRAMES = 300
+
+
+class Session:
+    """The interactive loop over one world-model env; ``iterate()`` is one frame.
+
+    ``actions`` keeps the action id of every generated frame, so a caller (or a test posting key
+    events) can check what the loop did.
+    """
+
+    def __init__(self, env: WorldModelEnv, window: FrameWindow, controller: Controller, fps: float,
+                 seed: int | None = None, record_dir: str | Path = "recordings",
+                 video_path: str | Path | None = None) -> None:
+        self.env, self.window, self.controller, self.fps = env, window, controller, fps
+        self.names = env.action_names
+        self.held = HeldKeys(ignore=UI_KEYS)
+        self.hud, self.stats = Hud(), FrameStats()
+        self.actions: list[int] = []
+        self.running, self.paused, self._single = True, False, False
+        self.video: VideoWriter | None = None
+        self.video_path = video_path
+        self.real: RealGame | None = None
+        self.notice, self.notice_until = "", 0.0
+        meta = {"game": env.game or env.world_name, "source": f"world:{env.world_name}",
+                "world": env.world_name, "seed": seed, "fps": env.metadata["render_fps"],
+                "action_names": self.names, "keymap": env.keymap.to_dict(), "controller": controller.name}
+        self.recorder = SessionRecorder(record_dir, meta, env.observation_space.shape)
+        self.reset(seed)
+
+    # ---- the loop ------------------------------------------------------------------------------
+    def run(self, frames: int | None = None) -> None:
+        """Iterate until Esc / window closed / replay finished, or ``frames`` frames were made."""
+        while self.running and (frames is None or len(self.actions) < frames):
+            self.iterate()
+
+    def iterate(self) -> None:
+        for event in pygame.event.get():
+            if event.type == pygame.QUIT:
+                self.running = False
+            elif event.type == pygame.KEYDOWN and pygame.key.name(event.key) in UI_KEYS:
+                self.command(pygame.key.name(event.key))
+            self.held.update(event)
+        if not self.running:
+            return
+        if self.paused and not self._single:
+            self.show()  # keep the HUD live while nothing moves
+            self.window.tick(self.fps or 30)
+            return
+        self._single = False
+        t_keys = time.perf_counter()  # the key state is read here: latency starts
+        action = self.controller.act(self.held.names)
+        if action is None:  # a replay ran out
+            self.running = False
+            return
+        self.frame, reward, terminated, truncated, _ = self.env.step(action)
+        if self.real is not None:
+            self.real.step(action)
+        self.frame_index += 1
+        self.actions.append(action)
+        self.show()
+        self.stats.frame((time.perf_counter() - t_keys) * 1e3)  # the frame is on screen
+        self.env.flush()  # cache refresh while we would wait anyway: off the key-to-frame path
+        if self.video is not None:
+            self.video.write(self.frame, f"{self.frame_index} {self.names[action]}")
+        self.recorder.add(self.frame, action, reward, terminated, self.controller.name)
+        self.total_reward += reward
+        if terminated or truncated:  # the world says game over: start again, like the game would
+            self.reset()
+        self.window.tick(self.fps)
+
+    def show(self) -> None:
+        frames = [self.frame] + ([self.real.frame] if self.real is not None else [])
+        self.window.draw(frames)
+        self.hud.draw(self.window.screen, self.hud_lines())
+        self.window.flip()
+
+    def hud_lines(self) -> list[str]:
+        flags = [f for f, on in (("PAUSED", self.paused), ("REC", self.recorder.on),
+                                 ("VIDEO", self.video is not None), ("REAL", self.real is not None)) if on]
+        action = self.names[self.actions[-1]] if self.actions else "-"
+        lines = [f"{self.env.world_name}  frame {self.frame_index}  {' '.join(flags)}",
+                 f"{self.stats.fps:5.1f} FPS  latency {self.stats.latency_ms:5.1f} ms",
+                 f"action {action}  steps {self.env.steps}  reward {self.total_reward:+g}"]
+        if self.notice and time.monotonic() < self.notice_until:
+            lines.append(self.notice)
+        return lines
+
+    # ---- commands ------------------------------------------------------------------------------
+    def command(self, key: str) -> None:
+        if key == "escape":
+            self.running = False
+        elif key == "h":
+            self.hud.visible = not self.hud.visible
+        elif key == "r":
+            self.reset()
+            self.say("reset: new context")
+        elif key in ("1", "2", "4"):
+            self.env.steps = int(key)
+            self.say(f"{key} denoising step{'s' if key != '1' else ''} per frame")
+        elif key == "p":
+            self.paused = not self.paused
+        elif key == ".":
+            self._single = self.paused
+        elif key == "v":
+            self.toggle_video()
+        elif key == "c":
+            on = self.recorder.toggle(self.frame, self.controller.name)
+            self.say(f"recording to {self.recorder.root}" if on else f"recorded {self.recorder.episodes[-1]}")
+        elif key == "tab":
+            self.toggle_real()
+
+    def reset(self, seed: int | None = None) -> None:
+        """New context (the real game's first frame when it is shown, so both start together)."""
+        options = None
+        if self.real is not None:
+            real_seed = int(self.env.np_random.integers(2**31)) if seed is None else seed
+            options = {"context": self.real.reset(real_seed)[None]}
+        self.frame, _ = self.env.reset(seed=seed, options=options)
+        self.frame_index, self.total_reward = 0, 0.0
+        self.recorder.begin(self.frame, self.controller.name)
+        self.show()  # the context's last frame, on screen before the first key is read
+
+    def toggle_video(self) -> None:
+        if self.video is not None:
+            n = self.video.close()
+            self.say(f"saved {self.video.path} ({n} frames)")
+            self.video = None
+            return
+        path = self.video_path or time.strftime("dream-%Y%m%d-%H%M%S.mp4")
+        self.video_path = None  # --out names the first video only
+        self.video = VideoWriter(path, self.fps or self.env.metadata["render_fps"], self.frame.shape)
+        self.say(f"writing {path}")
+
+    def toggle_real(self) -> None:
+        if self.real is not None:
+            self.real.close()
+            self.real = None
+            self.window.set_panels(1)
+            return
+        if not self.env.game:
+            self.say("this world names no real game to show")
+            return
+        try:
+            self.real = RealGame(self.env.game, self.names, self.frame.shape)
+        except ValueError as err:  # unknown game, missing package, other actions
+            self.say(f"no real game: {err}")
+            return
+        self.window.set_panels(2)
+        self.reset()
+        self.say(f"real game {self.env.game}: both restarted from its frame")
+
+    def say(self, text: str) -> None:
+        self.notice, self.notice_until = text, time.monotonic() + NOTICE_SECONDS
+        print(text, flush=True)
+
+    def close(self) -> None:
+        if self.video is not None:
+            self.toggle_video()
+        self.recorder.stop()
+        if self.real is not None:
+            self.real.close()
+        self.env.close()
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--world", help="a shipped world by name (default: the default world)")
+    src.add_argument("--checkpoint", help="a world checkpoint file (.safetensors)")
+    p.add_argument("--steps", type=int, choices=(1, 2, 4), help="denoising steps per frame (default: the world's)")
+    p.add_argument("--context", default="real", help="real | noise | PATH.png | dataset DIR (default: real)")
+    p.add_argument("--seed", type=int, help="seed of the context choice and the noise (same seed, same dream)")
+    p.add_argument("--fps", type=float, help="frame cap; default the world's rate (headless: 0 = uncapped)")
+    p.add_argument("--policy", nargs="+", metavar="POLICY",
+                   help="human | random | replay FILE (default: human; headless: random)")
+    p.add_argument("--headless", action="store_true", help="no window: run the same loop off screen")
+    p.add_argument("--frames", type=int, help=f"stop after N frames (headless default {HEADLESS_FRAMES})")
+    p.add_argument("--out", help="write the dream to this mp4 from the start")
+    p.add_argument("--record-dir", default="recordings", help="where C writes dataset episodes")
+    p.add_argument("--scale", type=int, help="window zoom (default: about 512 pixels tall)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    args = p.parse_args(argv)
+    if args.frames is not None and args.frames < 1:
+        p.error("--frames must be at least 1")
+    if args.fps is not None and args.fps < 0:
+        p.error("--fps must be >= 0 (0 = uncapped)")
+    args.policy = args.policy or (["random"] if args.headless else ["human"])
+    if args.headless and args.policy[0] == "human":
+        p.error("--headless has no keyboard: use --policy random or --policy replay FILE")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not args.headless and not display_available():
+        if args.policy[0] == "human":
+            print("play.py: no display to open a window on (no X11/Wayland session found). Run headless "
+                  "instead, e.g.\n  python play.py --headless --frames 300 --policy random --out dream.mp4",
+                  file=sys.stderr)
+            return 2
+        print("play.py: no display found: running headless (the same loop, off screen)", file=sys.stderr)
+        args.headless = True
+    if args.headless:
+        pygame.display.quit()
+        os.environ["SDL_VIDEODRIVER"] = "dummy"  # SDL's in-memory screen: the same blit/flip path
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        env = WorldModelEnv(checkpoint=args.checkpoint, world=args.world, steps=args.steps, horizon=None,
+                            context=args.context)
+        controller = make_controller(args.policy, env.keymap, args.seed)
+    except (ValueError, OSError) as err:  # CheckpointError, bad context or replay file: say what to fix
+        print(f"play.py: {err}", file=sys.stderr)
+        return 2
+    fps = args.fps if args.fps is not None else (0.0 if args.headless else env.metadata["render_fps"])
+    window = FrameWindow(env.observation_space.shape, args.scale, f"world: {env.world_name}")
+    session = Session(env, window, controller, fps, args.seed, args.record_dir, args.out)
+    if args.policy[0] == "human":
+        print(f"world {env.world_name}: actions and keys\n{env.keymap.help()}\n{__doc__.split('Controls')[1]}")
+        shadowed = [a for a, combos in zip(env.keymap.actions, env.keymap.bindings)
+                    if combos and all(c & UI_KEYS for c in combos)]
+        if shadowed:
+            print(f"note: {', '.join(shadowed)} cannot be pressed: its keys are play.py's controls")
+    code = 0
+    try:
+        if args.out:
+            session.toggle_video()
+        session.run(args.frames if args.frames is not None else (HEADLESS_FRAMES if args.headless else None))
+    except KeyboardInterrupt:
+        code = 130
+    finally:
+        session.close()
+        window.close()
+    s = session.stats.summary()
+    print(f"{s['frames']} frames in {s['seconds']:.1f} s: {s['fps']:.1f} FPS, key-to-frame latency "
+          f"mean {s['latency_ms']:.1f} ms (p50 {s['latency_p50_ms']:.1f}, p95 {s['latency_p95_ms']:.1f}), "
+          f"{env.steps} denoising step(s), world {env.world_name}")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
