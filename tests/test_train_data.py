@@ -1,10 +1,15 @@
-"""Clip batches: shapes, rank sharding, resumable position; the synthetic source."""
+"""Clip batches: shapes, rank sharding, resumable position; the synthetic and recorded sources."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import torch
 
-from train.data import ClipBatches, SyntheticConfig, SyntheticSource
+from record.writer import EpisodeWriter
+from train.app import compose_config, main
+from train.data import ClipBatches, SyntheticConfig, SyntheticSource, build_data, clip_batches
 
 
 def source() -> SyntheticSource:
@@ -40,3 +45,38 @@ def test_ranks_get_disjoint_shards_and_resume_continues_exactly() -> None:
         x, y = next(a), next(b)
         assert torch.equal(x["frames"], y["frames"]) and torch.equal(x["actions"], y["actions"])
     assert x.batch_size == torch.Size([3, 4])
+
+
+def write_dataset(root: Path, episodes: int = 2, length: int = 10) -> None:
+    """A tiny recorded dataset at 80x96 native size (so loading must resize), one damaged chunk."""
+    for e in range(episodes):
+        w = EpisodeWriter(root, {"game": "toy", "action_names": ["noop", "left", "right"]}, (80, 96, 3),
+                          codec="png", chunk_frames=5)
+        for t in range(length):
+            frame = np.zeros((80, 96, 3), np.uint8)
+            frame[10 + t:14 + t, 20 + e:24 + e] = 255
+            w.add(frame, -1 if t == 0 else t % 3, reward=float(t))
+        w.close()
+    # Truncate the second chunk of the last episode: reading reports it and keeps the rest.
+    chunk = sorted(root.glob("*/chunk_*.npz"))[-1]
+    chunk.write_bytes(chunk.read_bytes()[:50])
+
+
+def test_recorded_dataset_batches(tmp_path: Path, capsys) -> None:
+    write_dataset(tmp_path / "data")
+    cfg = compose_config([f"data={tmp_path / 'data'}", "data.clip_len=4", "data.batch_size=3"])
+    source = build_data(cfg.data, rank=0, world_size=1, device=torch.device("cpu"), run_dir=tmp_path)
+    assert source.action_names == ["noop", "left", "right"]
+    assert sorted(source.episode_lengths()) == [5, 10]  # the damaged chunk's 5 frames are gone
+    assert "warning: skipped" in capsys.readouterr().err
+    batch = next(clip_batches(source, cfg.data, seed=0, rank=0, world_size=1, device=torch.device("cpu")))
+    assert batch["frames"].shape == (3, 4, 64, 64, 3) and batch["frames"].dtype == torch.uint8
+    assert batch["actions"].dtype == torch.int64 and batch["rewards"].shape == (3, 4)
+
+
+def test_tokenizer_stage_runs_on_a_recorded_dataset(tmp_path: Path) -> None:
+    write_dataset(tmp_path / "data")
+    argv = ["stage=tokenizer", f"data={tmp_path / 'data'}", "model=tiny", f"runs_root={tmp_path / 'runs'}",
+            "steps=2", "data.batch_size=4", "stage.norm_batches=1", "progress=false", "device=cpu"]
+    assert main(argv) == 0
+    assert (tmp_path / "runs" / "tokenizer" / "export" / "tokenizer.safetensors").exists()

@@ -72,7 +72,7 @@ def test_latent_cache_is_keyed_by_tokenizer_weights(tokenizer_run: Path, tmp_pat
     # The cached latents are the tokenizer's encoding of the same frames.
     tok = load_tokenizer(export)
     src = SyntheticSource(SyntheticConfig(episodes=3, episode_len=8), 64)
-    cached = LatentSource(first).clip(1, 2, 4)
+    cached = LatentSource(first, src.action_names).clip(1, 2, 4)
     assert torch.allclose(cached["latents"], tok.encode(src.clip(1, 2, 4)["frames"]), atol=2e-2)
     assert torch.equal(cached["actions"], src.clip(1, 2, 4)["actions"])
     # A retrained tokenizer (other weights) gets a new cache; the stale one is removed.

@@ -11,6 +11,7 @@ TensorDict batches `[B, T]` whose position is part of every checkpoint.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 from tensordict import TensorDict
 
+from record.reader import Dataset, DatasetError
 from train import UsageError
 from train.distributed import Dist, barrier
 from train.latents import LatentSource, build_latent_cache, latent_cache_dir
@@ -52,6 +54,8 @@ class DataConfig:
 
 
 class ClipSource(Protocol):
+    action_names: list[str]  # what each action id means (the objective sizes its embeddings from it)
+
     def episode_lengths(self) -> list[int]: ...
 
     def clip(self, episode: int, start: int, length: int) -> TensorDict: ...
@@ -62,6 +66,7 @@ class ClipSource(Protocol):
 PADDLE_W, PADDLE_H, BALL = 8, 2, 2        # sprite sizes in pixels at 64x64, scaled with resolution
 BACKGROUND = (0, 0, 0)
 BRICK_COLOURS = ((200, 72, 72), (198, 108, 58), (180, 122, 48), (162, 162, 42), (72, 160, 72), (66, 72, 200))
+ACTION_NAMES = ("noop", "fire", "right", "left")
 
 
 class SyntheticSource:
@@ -71,6 +76,8 @@ class SyntheticSource:
     def __init__(self, cfg: SyntheticConfig, resolution: int) -> None:
         self.cfg, self.res = cfg, resolution
         self.scale = max(1, resolution // 64)
+        self.action_names = [ACTION_NAMES[i] if i < len(ACTION_NAMES) else f"action{i}"
+                             for i in range(cfg.num_actions)]
 
     def episode_lengths(self) -> list[int]:
         return [self.cfg.episode_len] * self.cfg.episodes
@@ -114,6 +121,47 @@ class SyntheticSource:
             "frames": torch.from_numpy(frames),
             "actions": torch.from_numpy(acts[start:start + length].astype(np.int64)),
         }, batch_size=[length])
+
+
+# ----- recorded source ---------------------------------------------------------------------
+
+
+class RecordedSource:
+    """The episodes of a dataset written by `record/`, loaded once into memory at the model's
+    resolution (12 KiB per 64x64 frame: a million frames is 12 GiB, so big datasets should go
+    through the latent cache, which every stage after the tokenizer uses). Unreadable chunks are
+    reported and skipped by the reader; an episode with a hole comes back as two pieces, so no
+    clip spans a gap."""
+
+    def __init__(self, path: Path, resolution: int) -> None:
+        try:
+            dataset = Dataset(Path(path))
+            episodes = list(dataset.episodes(frames=True, size=(resolution, resolution)))
+        except DatasetError as e:
+            raise UsageError(str(e)) from None
+        if not episodes:
+            raise UsageError(f"dataset directory {path} holds no readable episodes: record some with "
+                             f"`python -m record ...`")
+        for problem in dataset.problems:
+            print(f"warning: skipped {problem.path}: {problem.reason}", file=sys.stderr)
+        names = [ep.action_names for ep in episodes if ep.action_names]
+        if any(n != names[0] for n in names):
+            raise UsageError(f"episodes in {path} disagree on their action names; a dataset must be "
+                             f"recorded with one keymap")
+        self.action_names = names[0] if names else []
+        self.episodes = [TensorDict({
+            "frames": torch.from_numpy(ep.frames),
+            "actions": torch.from_numpy(ep.actions),
+            "rewards": torch.from_numpy(ep.rewards),
+            "terminated": torch.from_numpy(ep.terminated),
+            "truncated": torch.from_numpy(ep.truncated),
+        }, batch_size=[len(ep)]) for ep in episodes]
+
+    def episode_lengths(self) -> list[int]:
+        return [ep.batch_size[0] for ep in self.episodes]
+
+    def clip(self, episode: int, start: int, length: int) -> TensorDict:
+        return self.episodes[episode][start:start + length]
 
 
 # ----- batches -------------------------------------------------------------------------------
@@ -184,7 +232,7 @@ def recorded_source(cfg: DataConfig) -> ClipSource:
     if not Path(cfg.path).is_dir():
         raise UsageError(f"dataset directory {cfg.path} does not exist: record one with `python -m record "
                          f"...`, or fix data=<dataset dir>")
-    raise UsageError("reading recorded datasets is not wired yet")
+    return RecordedSource(Path(cfg.path), cfg.resolution)
 
 
 SOURCES = {  # data.source -> factory(DataConfig) -> ClipSource
@@ -199,24 +247,36 @@ def build_source(cfg: DataConfig) -> ClipSource:
     return SOURCES[cfg.source](cfg)
 
 
-def build_batches(cfg: Any, *, seed: int, rank: int, world_size: int, device: torch.device,
-                  run_dir: Path) -> ClipBatches:
-    """Clip batches as `cfg` (the `data` config) describes, for this rank. With `latents=True`
-    the frames are replaced by cached tokenizer latents (built on first use, by rank 0)."""
+def build_data(cfg: Any, *, rank: int, world_size: int, device: torch.device, run_dir: Path) -> ClipSource:
+    """The clip source that `cfg` (the `data` config) describes. With `latents=True` the frames
+    are replaced by cached tokenizer latents (encoded on first use by rank 0; the others wait)."""
     source = build_source(cfg)
-    if cfg.latents:
-        if not cfg.tokenizer or not (Path(cfg.tokenizer) / "tokenizer.json").exists():
-            raise UsageError(
-                f"this stage trains on tokenizer latents, but data.tokenizer={cfg.tokenizer!r} is not a "
-                f"tokenizer export. Train the tokenizer first (python -m train stage=tokenizer data=... "
-                f"runs_root=...) or set data.tokenizer=<its run_dir>/export.")
-        root = Path(cfg.cache_dir) if cfg.cache_dir else Path(run_dir).parent / "latent_cache"
-        key = f"{cfg.source}:{Path(cfg.path).resolve() if cfg.path else dict(cfg.synthetic)}:{cfg.resolution}"
-        out = latent_cache_dir(root, key, Path(cfg.tokenizer))
-        if rank == 0:
-            build_latent_cache(source, Path(cfg.tokenizer), out, device=device,
-                               dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
-        barrier(Dist(rank, world_size))
-        source = LatentSource(out)
+    if not cfg.latents:
+        return source
+    if not cfg.tokenizer or not (Path(cfg.tokenizer) / "tokenizer.json").exists():
+        raise UsageError(
+            f"this stage trains on tokenizer latents, but data.tokenizer={cfg.tokenizer!r} is not a "
+            f"tokenizer export. Train the tokenizer first (python -m train stage=tokenizer data=... "
+            f"runs_root=...) or set data.tokenizer=<its run_dir>/export.")
+    root = Path(cfg.cache_dir) if cfg.cache_dir else Path(run_dir).parent / "latent_cache"
+    key = f"{cfg.source}:{Path(cfg.path).resolve() if cfg.path else dict(cfg.synthetic)}:{cfg.resolution}"
+    out = latent_cache_dir(root, key, Path(cfg.tokenizer))
+    if rank == 0:
+        build_latent_cache(source, Path(cfg.tokenizer), out, device=device,
+                           dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+    barrier(Dist(rank, world_size))
+    return LatentSource(out, source.action_names)
+
+
+def clip_batches(source: ClipSource, cfg: Any, *, seed: int, rank: int, world_size: int,
+                 device: torch.device) -> ClipBatches:
+    """This rank's batches of `cfg.batch_size` clips of `cfg.clip_len` frames from `source`."""
     return ClipBatches(source, cfg.batch_size, cfg.clip_len, stride=cfg.stride, seed=seed, rank=rank,
                        world_size=world_size, device=device)
+
+
+def build_batches(cfg: Any, *, seed: int, rank: int, world_size: int, device: torch.device,
+                  run_dir: Path) -> ClipBatches:
+    """`build_data` then `clip_batches`, for one-off use (tests, tools)."""
+    source = build_data(cfg, rank=rank, world_size=world_size, device=device, run_dir=run_dir)
+    return clip_batches(source, cfg, seed=seed, rank=rank, world_size=world_size, device=device)

@@ -39,7 +39,8 @@ class LatentSource:
     """A clip source (see `train/data.py`) over cached latents: `latents` float32 (T, h, w, c) and
     every other per-frame field of the original episodes (actions, rewards, ...)."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, action_names: list[str]) -> None:
+        self.action_names = list(action_names)
         flat = load_file(str(Path(directory) / FILE))
         n = len({k.split("/")[0] for k in flat})
         self.episodes = [TensorDict({k.split("/", 1)[1]: v for k, v in flat.items() if k.split("/")[0] == str(i)},

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from train import UsageError
 from train.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from train.data import build_batches
+from train.data import build_data, clip_batches
 from train.distributed import (Dist, all_gather_object, barrier, full_state_dict, gather_full,
                                init_distributed, load_like, mean_over_ranks, no_sync, pick_dtype, wrap)
 from train.ema import EMA
@@ -75,6 +75,13 @@ def train(cfg: DictConfig) -> Path:
                        init_from=init_from, model=OmegaConf.to_container(cfg.model, resolve=True),
                        seed=lc.seed)
 
+    # ----- data (first: the objective sizes its action embedding from the dataset's actions) -----
+    source = build_data(cfg.data, rank=d.rank, world_size=d.world_size, device=device, run_dir=run_dir)
+    ctx.extra["action_names"] = list(source.action_names)
+    batches = clip_batches(source, cfg.data, seed=lc.seed, rank=d.rank, world_size=d.world_size, device=device)
+    eval_batches = lambda: clip_batches(source, cfg.data, seed=lc.seed + EVAL_SEED_OFFSET,  # noqa: E731
+                                        rank=d.rank, world_size=d.world_size, device=device)
+
     # ----- objective, networks, optimizers, EMAs -----
     # Same seed on every rank while building: identical initial weights (FSDP does not broadcast).
     seed_everything(lc.seed)
@@ -92,11 +99,6 @@ def train(cfg: DictConfig) -> Path:
     emas: dict[str, tuple[str, EMASpec, EMA]] = {
         e.network: (k, e, EMA(nets[e.network], e.decay)) for k, s in specs.items() for e in s.ema}
     counts: dict[str, int] = {k: 0 for k in specs}  # updates done per optimizer (warm-up, EMA start)
-
-    batches = build_batches(cfg.data, seed=lc.seed, rank=d.rank, world_size=d.world_size,
-                            device=device, run_dir=run_dir)
-    eval_batches = lambda: build_batches(cfg.data, seed=lc.seed + EVAL_SEED_OFFSET, rank=d.rank,  # noqa: E731
-                                         world_size=d.world_size, device=device, run_dir=run_dir)
 
     # ----- resume -----
     start = 0
