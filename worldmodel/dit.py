@@ -106,13 +106,14 @@ class Attention(nn.Module):
         self.q_norm = nn.RMSNorm(cfg.head_dim, eps=1e-6)
         self.k_norm = nn.RMSNorm(cfg.head_dim, eps=1e-6)
         self.proj = nn.Linear(cfg.width, cfg.width)
-        self.backend = cfg.attention_backend
 
     def qkv_heads(self, x: torch.Tensor, rope: Rope3D, frames: int):
         """x (B, L, W) -> q, k, v (B, H, L, D), qk-normed, spatially rotated (time not yet)."""
         b, n, _ = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = self.q_norm(q), self.k_norm(k)
+        # weights cast to the activations' dtype: under autocast the fused RMSNorm needs them equal
+        q = F.rms_norm(q, (self.head_dim,), self.q_norm.weight.to(q.dtype), self.q_norm.eps)
+        k = F.rms_norm(k, (self.head_dim,), self.k_norm.weight.to(k.dtype), self.k_norm.eps)
         return rope.rotate_space(q, frames), rope.rotate_space(k, frames), v
 
     def out(self, o: torch.Tensor) -> torch.Tensor:

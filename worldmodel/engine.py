@@ -235,7 +235,8 @@ class Engine:
         t3 = time.perf_counter()
         self._pending = (x0, block_acts, worlds)
         self.timing = {"refresh_ms": refresh_ms, "denoise_ms": (t2 - t1) * 1e3, "decode_ms": (t3 - t2) * 1e3,
-                       "total_ms": (t3 - t0) * 1e3, "steps": len(self._sigmas(first))}
+                       "total_ms": (t3 - t0) * 1e3,
+                       "steps": self.first_frame_steps if first else self.steps}
         self._buffer = [frames[:, j] for j in range(1, k)]
         return frames[:, 0], x0[:, -1]
 

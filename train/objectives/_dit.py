@@ -1,0 +1,126 @@
+"""What every transformer stage shares: building the DiT, passing weights between stages, the
+flow-matching loss, and writing an engine-loadable world next to each stage's export.
+
+Export layout of a transformer stage (``<run_dir>/export``):
+    dit.safetensors   fp32 weights (EMA where the stage has one)
+    dit.json          {"config": DiTConfig, "action_names": [...], "stage": name, "tokenizer": dir}
+    world.safetensors a complete world checkpoint (tokenizer + this DiT + context frames), so
+                      ``play.py --checkpoint`` and ``train.evaluate`` can run any stage directly.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from tensordict import TensorDict
+
+from train.objectives.tokenizer import load_tokenizer
+from worldmodel import diffusion
+from worldmodel.checkpoint import World, save_world
+from worldmodel.dit import DIT_SIZES, DiT, DiTConfig
+
+WEIGHTS, CONFIG, WORLD = "dit.safetensors", "dit.json", "world.safetensors"
+CONTEXT_FRAMES = 32  # real frames carried by each exported world, so reset needs no dataset
+
+
+class StageError(RuntimeError):
+    """A stage cannot start: the message names the missing piece and the fix."""
+
+
+def read_export(export_dir: Path) -> dict:
+    path = Path(export_dir) / CONFIG
+    if not path.exists():
+        raise StageError(f"{export_dir} is not a transformer-stage export (no {CONFIG}); run the "
+                         "previous stage first or point init_from=<its run_dir>/export")
+    return json.loads(path.read_text())
+
+
+def tokenizer_dir(stage_cfg: Any, init_from: Path | None) -> Path:
+    """The tokenizer export this stage's latents come from: the stage config, else the init's."""
+    if getattr(stage_cfg, "tokenizer", None):
+        return Path(stage_cfg.tokenizer)
+    if init_from is not None:
+        return Path(read_export(init_from)["tokenizer"])
+    raise StageError("no tokenizer: set data.tokenizer=<tokenizer run_dir>/export")
+
+
+def dit_config(model_cfg: Mapping[str, Any], tokenizer: Path, num_actions: int, clip_len: int,
+               **overrides: Any) -> DiTConfig:
+    """DiT config of the ``model`` group's size, shaped to the tokenizer's latents."""
+    tok = json.loads((Path(tokenizer) / "tokenizer.json").read_text())["config"]
+    d = dict(model_cfg.get("dit", {}))
+    size = d.pop("size", "small")
+    if size not in DIT_SIZES:
+        raise StageError(f"unknown model.dit.size {size!r}; known: {sorted(DIT_SIZES)}")
+    fields = {**DIT_SIZES[size], **d, "latent_size": tok["latent_size"],
+              "latent_channels": tok["latent_channels"], "num_actions": num_actions,
+              "train_frames": clip_len, "max_frames": max(64, clip_len), **overrides}
+    return DiTConfig(**fields)
+
+
+def load_dit_weights(dit: DiT, export_dir: Path) -> None:
+    """Initialise ``dit`` from a previous transformer stage (shapes must agree)."""
+    state = load_file(str(Path(export_dir) / WEIGHTS))
+    missing, unexpected = dit.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise StageError(f"{export_dir}: weights do not fit this stage's model (missing {missing[:4]}, "
+                         f"unexpected {unexpected[:4]}); use the same model= size as that stage")
+
+
+def flow_matching_loss(dit: torch.nn.Module, x0: torch.Tensor, actions: torch.Tensor,
+                       sigma: torch.Tensor, weighting: str, shift: float,
+                       clean: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """Rectified-flow loss, reference §4.5: mean_(B,F) w(sigma) * mean_(h,w,c) (v_hat - (eps - x0))^2.
+
+    x0 (B, F, h, w, c) clean latents; sigma (B, F) fp32; ``clean`` enables teacher forcing.
+    """
+    eps = torch.randn_like(x0)
+    x = diffusion.add_noise(x0, eps, sigma)
+    v = dit(x, sigma, actions, clean=clean)
+    per_frame = (v.float() - diffusion.velocity_target(x0, eps)).pow(2).mean(dim=(2, 3, 4))
+    w = diffusion.loss_weight(sigma, weighting, shift)
+    loss = (w * per_frame).mean()
+    return loss, {"mse": per_frame.mean().detach()}
+
+
+def drop_actions(actions: torch.Tensor, p: float) -> torch.Tensor:
+    """Classifier-free-guidance dropout: whole clips get the null action (-1) with probability p."""
+    drop = torch.rand(actions.shape[0], device=actions.device) < p
+    return torch.where(drop[:, None], torch.full_like(actions, -1), actions)
+
+
+def context_sample(batches: Iterator[TensorDict], tokenizer, n: int = CONTEXT_FRAMES
+                   ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """A few dozen real frames (decoded from latents) with their actions, for world resets."""
+    batch = next(batches)
+    if "frames" in batch.keys():
+        frames = batch["frames"][0]
+    else:
+        with torch.no_grad():
+            frames = tokenizer.decode(batch["latents"][0].float())
+    acts = batch["actions"][0]
+    return frames[:n].cpu(), acts[:n].cpu()
+
+
+def save_export(out_dir: Path, dit: DiT, state: Mapping[str, torch.Tensor], action_names: list[str],
+                stage: str, tokenizer: Path, batches: Iterator[TensorDict],
+                engine: dict | None = None) -> None:
+    """Write dit.safetensors + dit.json + world.safetensors into ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().float().cpu().contiguous() for k, v in state.items()}, str(out_dir / WEIGHTS))
+    meta = {"config": asdict(dit.cfg), "action_names": list(action_names), "stage": stage,
+            "tokenizer": str(Path(tokenizer).resolve())}
+    (out_dir / CONFIG).write_text(json.dumps(meta, indent=2))
+    net = DiT(dit.cfg)
+    net.load_state_dict(state)
+    tok = load_tokenizer(tokenizer)
+    frames, acts = context_sample(batches, tok)
+    world = World(dit=net, tokenizer=tok, action_names=list(action_names), engine=engine or {},
+                  info={"stage": stage}, context_frames=frames, context_actions=acts)
+    save_world(out_dir / WORLD, world, dtype=None)

@@ -1,0 +1,126 @@
+"""Stage `teacher`: the bidirectional action-conditioned DiT, trained from scratch.
+
+Flow matching over whole clips with ONE noise level per clip (reference §3.1: the teacher
+denoises all frames jointly, so it later serves as DMD's real score and the critic's init), and
+whole-clip action dropout for classifier-free guidance on actions (§12.5). Learning rate and
+betas follow the from-scratch recipe of §12.5, not the 2e-6 fine-tuning rate of the repos.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from tensordict import TensorDict
+
+from train.objectives import EMASpec, Logs, Objective, OptimSpec, TrainContext, register
+from train.objectives._dit import (dit_config, drop_actions, flow_matching_loss, load_dit_weights,
+                                   save_export, tokenizer_dir)
+from worldmodel import diffusion
+from worldmodel.dit import DiT
+
+
+@dataclass
+class TeacherConfig:
+    lr: float = 3e-4
+    betas: tuple[float, float] = (0.9, 0.99)
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    warmup_steps: int = 200
+    ema_decay: float = 0.999
+    ema_start: int = 0
+    shift: float = diffusion.DEFAULT_SHIFT
+    loss_weighting: str = "uniform"   # "uniform" (§12.4) or "bump" (the repos' weighting, §2.6)
+    action_dropout: float = 0.1
+    num_actions: int = 0              # 0: from the dataset's action names
+    clip_len: int = 8                 # = data.clip_len: the DiT's training clip length
+    tokenizer: str | None = None      # tokenizer export dir (default: data.tokenizer)
+
+
+def action_names(ctx: TrainContext, num_actions: int) -> list[str]:
+    names = ctx.extra.get("action_names")
+    if names:
+        return list(names)
+    if num_actions <= 0:
+        raise ValueError("the dataset gave no action names: set stage.num_actions")
+    return [f"action{i}" for i in range(num_actions)]
+
+
+class DiTStage(Objective):
+    """Shared body of the transformer stages that train ONE DiT by flow matching."""
+
+    stage_name = "teacher"
+
+    def __init__(self, cfg, ctx: TrainContext) -> None:
+        super().__init__(cfg, ctx)
+        self.names = action_names(ctx, cfg.num_actions)
+        self.tokenizer = tokenizer_dir(cfg, ctx.init_from)
+        self.dit = DiT(dit_config(ctx.model, self.tokenizer, len(self.names), cfg.clip_len,
+                                  **self.dit_overrides()))
+        if ctx.init_from is not None:
+            load_dit_weights(self.dit, ctx.init_from)
+
+    def dit_overrides(self) -> dict:
+        return {}
+
+    def networks(self) -> dict[str, nn.Module]:
+        return {"dit": self.dit}
+
+    def optimizers(self) -> dict[str, OptimSpec]:
+        c = self.cfg
+        return {"dit": OptimSpec(networks=("dit",), lr=c.lr, betas=tuple(c.betas),
+                                 weight_decay=c.weight_decay, grad_clip=c.grad_clip,
+                                 warmup_steps=c.warmup_steps,
+                                 ema=(EMASpec("dit", c.ema_decay, c.ema_start),))}
+
+    def noise_levels(self, b: int, t: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def flow_loss(self, dit: nn.Module, x0: torch.Tensor, actions: torch.Tensor, sigma: torch.Tensor):
+        raise NotImplementedError
+
+    def loss(self, name: str, batch: TensorDict, step: int,
+             nets: Mapping[str, nn.Module]) -> tuple[torch.Tensor, Logs]:
+        x0 = batch["latents"].float()
+        actions = drop_actions(batch["actions"].long(), self.cfg.action_dropout)
+        sigma = self.noise_levels(*x0.shape[:2])
+        return self.flow_loss(nets["dit"], x0, actions, sigma)
+
+    @torch.no_grad()
+    def evaluate(self, step: int, nets: Mapping[str, nn.Module],
+                 batches: Iterator[TensorDict]) -> dict[str, float]:
+        """Validation loss at fixed noise levels (same batches and noise every time)."""
+        batch = next(batches)
+        x0, actions = batch["latents"].float(), batch["actions"].long()
+        out = {}
+        state = torch.random.get_rng_state()
+        torch.manual_seed(0)
+        for s in (0.25, 0.5, 0.75, 1.0):
+            sigma = torch.full(x0.shape[:2], s, device=x0.device)
+            loss, _ = self.flow_loss(nets["dit"], x0, actions, sigma)
+            out[f"val_mse@{s}"] = loss.item()
+        torch.random.set_rng_state(state)
+        return out
+
+    def export(self, out_dir: Path, weights: Mapping[str, dict[str, torch.Tensor]],
+               batches: Iterator[TensorDict]) -> None:
+        save_export(out_dir, self.dit, weights["dit"], self.names, self.stage_name, self.tokenizer,
+                    batches, engine={"sampler": "euler", "steps": 50, "first_frame_steps": 50,
+                                     "shift": self.cfg.shift})
+
+
+@register("teacher")
+class TeacherObjective(DiTStage):
+    Config = TeacherConfig
+    stage_name = "teacher"
+
+    def noise_levels(self, b: int, t: int) -> torch.Tensor:
+        # one sigma per clip: the bidirectional teacher denoises a whole clip jointly (§3.1)
+        sigma = diffusion.sample_noise_level((b, 1), self.cfg.shift, device=self.ctx.device)
+        return sigma.expand(b, t)
+
+    def flow_loss(self, dit, x0, actions, sigma):
+        return flow_matching_loss(dit, x0, actions, sigma, self.cfg.loss_weighting, self.cfg.shift)
