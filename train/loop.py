@@ -116,8 +116,15 @@ def train(cfg: DictConfig) -> Path:
                 load_like(ema.shadow[k], v)
         counts.update(ck["counts"])
         objective.load_state_dict(ck["objective"])
-        batches.load_state_dict(ck["data"][d.rank])
-        set_rng_state(ck["rng"][d.rank])
+        if len(ck["rng"]) == d.world_size:
+            batches.load_state_dict(ck["data"][d.rank])
+            set_rng_state(ck["rng"][d.rank])
+        else:  # another process count: shards differ anyway; keep the epoch, start fresh streams
+            batches.load_state_dict(ck["data"][0])
+            seed_everything(lc.seed + d.rank + 1_000 * start)
+            if d.rank == 0:
+                tqdm.write(f"warning: checkpoint written by {len(ck['rng'])} processes, resuming on "
+                           f"{d.world_size}: weights continue exactly, data order and noise do not")
         if d.rank == 0:
             tqdm.write(f"resuming {run_dir} from {ckpt_path.name} (step {start})")
     else:
@@ -148,8 +155,9 @@ def train(cfg: DictConfig) -> Path:
     bar = tqdm(total=lc.steps, initial=start, disable=d.rank != 0 or not lc.progress, dynamic_ncols=True)
     sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=device))
     n_logs: dict[str, int] = defaultdict(int)
-    samples, t_last = 0, time.perf_counter()
+    samples, busy = 0, 0.0  # since the last log line; busy excludes evaluation and checkpoints
     for step in range(start, lc.steps):
+        t_step = time.perf_counter()
         for name in objective.updates(step):
             spec, opt, scaler = specs[name], optims[name], scalers[name]
             for o in optims.values():  # grads left by another network's update must not leak in
@@ -184,17 +192,17 @@ def train(cfg: DictConfig) -> Path:
                 elif owner == name and counts[name] > e.start_step:
                     ema.update(nets[net_name])
         done = step + 1
+        busy += time.perf_counter() - t_step
         bar.update(1)
 
         if done % lc.log_every == 0 or done == lc.steps:
             keys = sorted(sums)
             values = mean_over_ranks(torch.stack([sums[k] / n_logs[k] for k in keys]), d).tolist()
-            now = time.perf_counter()
             record = {"step": done, "time": time.time(), **dict(zip(keys, values)),
-                      "samples_per_s": samples * d.world_size / max(now - t_last, 1e-9)}
+                      "samples_per_s": samples * d.world_size / max(busy, 1e-9)}
             record.update({f"lr/{k}": o.param_groups[0]["lr"] for k, o in optims.items()})
             sums.clear(), n_logs.clear()
-            samples, t_last = 0, now
+            samples, busy = 0, 0.0
             if log is not None:
                 log.write(record)
                 losses = {k.split("/")[0]: f"{v:.4g}" for k, v in record.items() if k.endswith("/loss")}
