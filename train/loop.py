@@ -66,10 +66,11 @@ def train(cfg: DictConfig) -> Path:
     run_dir = Path(cfg.run_dir)
     init_from = Path(cfg.init_from) if cfg.get("init_from") else None
     if init_from is not None and not init_from.exists():
+        prev = init_from.parent.name if init_from.name == "export" else "<previous stage>"
         raise UsageError(
             f"stage {cfg.stage.name!r} starts from a previous stage's export, {init_from}, which does "
-            f"not exist. Train that stage first with the same runs_root (python -m train stage=<previous> "
-            f"runs_root=...), or point init_from=<export dir> at one.")
+            f"not exist. Train that stage first (python -m train stage={prev} data=... "
+            f"runs_root={cfg.runs_root}), or point init_from=<export dir> at one.")
     run_dir.mkdir(parents=True, exist_ok=True)
     ctx = TrainContext(device=device, dtype=dtype, rank=d.rank, world_size=d.world_size, run_dir=run_dir,
                        init_from=init_from, model=OmegaConf.to_container(cfg.model, resolve=True),
