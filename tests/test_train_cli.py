@@ -21,7 +21,7 @@ def test_every_stage_and_model_composes_with_steps(stage: str, model: str, tmp_p
                           f"runs_root={tmp_path}"])
     resolved = OmegaConf.to_container(cfg, resolve=True)
     assert resolved["steps"] == 2 and resolved["stage"]["name"] == stage
-    assert resolved["run_dir"] == f"{tmp_path}/{stage}"
+    assert resolved["run_dir"].startswith(f"{tmp_path}/{stage}")  # a stage may name variants' dirs
     if stage in available_stages():  # the stage's YAML fits its config dataclass (types, names)
         cls = get_objective(stage)
         fields = {k: v for k, v in resolved["stage"].items() if k != "name"}
