@@ -13,6 +13,8 @@ terminated *and* truncated; here it is truncated only, as Gymnasium defines the 
 
 from __future__ import annotations
 
+import os
+import tempfile
 from typing import Any, Sequence
 
 import gymnasium as gym
@@ -60,6 +62,11 @@ class DoomActions(gym.Wrapper):
             for button in buttons:
                 self._vectors[i, BUTTONS.index(button)] = 1
         self.action_space = gym.spaces.Discrete(len(actions))
+        # ZDoom writes its engine settings to _vizdoom.ini in the working directory unless told
+        # otherwise; keep that file out of checkouts (the game starts on the first reset).
+        game = getattr(env.unwrapped, "game", None)
+        if game is not None and not game.is_running():
+            game.set_doom_config_path(os.path.join(tempfile.gettempdir(), "_vizdoom.ini"))
 
     def reset(self, **kwargs: Any) -> tuple[Any, dict]:
         obs, info = self.env.reset(**kwargs)

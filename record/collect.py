@@ -74,14 +74,19 @@ class Stop:
     def __call__(self) -> bool:
         return self.flag or (self.event is not None and self.event.is_set())
 
-    def install(self) -> None:
-        """Make SIGINT and SIGTERM set the flag instead of killing the process."""
+    def install(self) -> dict[int, Any]:
+        """Make SIGINT and SIGTERM set the flag instead of killing the process.
+        Returns the previous handlers (for :func:`restore_signals`)."""
 
         def handler(signum: int, frame: Any) -> None:
             self.flag = True
 
-        signal.signal(signal.SIGINT, handler)
-        signal.signal(signal.SIGTERM, handler)
+        return {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+
+def restore_signals(previous: dict[int, Any]) -> None:
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
 
 
 def make_controller(cfg: CollectConfig, env: GameEnv, seed: int | None) -> Controller:
@@ -231,6 +236,10 @@ def collect(cfg: CollectConfig) -> dict[str, Any]:
         raise ValueError(f"--controller {cfg.controller} needs a budget: give --frames N or --episodes N")
     if cfg.controller == "replay":
         cfg = replace(cfg, episodes=1, workers=1)  # one recorded episode, played once
+    if cfg.controller == "explorer":  # refuse an unsuitable game before anything starts
+        env = make_game(game)
+        env.close()
+        ExplorerController(env.action_names)
     n_existing, frames_existing = existing_episodes(Path(cfg.out), game)
     frames = cfg.frames
     if cfg.resume and frames is not None:
@@ -243,7 +252,7 @@ def collect(cfg: CollectConfig) -> dict[str, Any]:
                mininterval=0.5 if sys.stderr.isatty() else 30.0, dynamic_ncols=True)
     start = time.monotonic()
     stop = Stop()
-    stop.install()
+    previous_handlers = stop.install()
     try:
         if workers == 1:
             def report(df: int, de: int) -> None:
@@ -256,6 +265,7 @@ def collect(cfg: CollectConfig) -> dict[str, Any]:
             got_frames, got_episodes = _run_workers(cfg, frames, workers, n_existing, base_seed, stop, bar, unit)
     finally:
         bar.close()
+        restore_signals(previous_handlers)
     seconds = time.monotonic() - start
     return {
         "out": str(cfg.out),

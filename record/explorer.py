@@ -78,6 +78,7 @@ class ExplorerController(Controller):
         self._prev: np.ndarray | None = None
         self._last_action: int | None = None
         self._blocked = 0
+        self._recovering = 0  # steps left of a back-off-and-turn
         self.recoveries = 0  # times it found itself stuck (for measuring)
 
     def reset(self, frame: np.ndarray, seed: int | None = None) -> None:
@@ -88,12 +89,16 @@ class ExplorerController(Controller):
         self._prev = _grey(frame)
         self._last_action = None
         self._blocked = 0
+        self._recovering = 0
 
     def act(self, frame: np.ndarray) -> int:
         grey = _grey(frame)
         motion = _motion(self._prev, grey) if self._prev is not None else 255.0
         self._prev = grey
-        if self._last_action is not None and self._is_moving(self._last_action) and motion < self.stuck_threshold:
+        moving = self._last_action is not None and self._is_moving(self._last_action)
+        # No stuck checks while recovering: in a corner even backing off is blocked, and the
+        # turn that follows is what frees the walker.
+        if self._recovering <= 0 and moving and motion < self.stuck_threshold:
             self._blocked += 1
         else:
             self._blocked = 0
@@ -101,9 +106,11 @@ class ExplorerController(Controller):
             self._blocked = 0
             self.recoveries += 1
             self.plan = self._recover()
+            self._recovering = len(self.plan)
         if not self.plan:
             self.plan = self._next_maneuver()
         self._last_action = self.plan.pop(0)
+        self._recovering -= 1
         return self._last_action
 
     def config(self) -> dict[str, Any]:

@@ -20,22 +20,24 @@ import numpy as np
 
 @dataclass(frozen=True)
 class Codec:
-    """One way of storing frames. ``ext`` is the cv2 image format, None for raw arrays."""
+    """One way of storing frames. ``ext`` is the cv2 image format, None for raw arrays;
+    ``magic`` (offset, bytes) is the signature every encoded frame starts with."""
 
     name: str
     ext: str | None
     params: tuple[int, ...] = ()
     lossless: bool = True
+    magic: tuple[int, bytes] = (0, b"")
 
 
 CODECS: dict[str, Codec] = {
     c.name: c
     for c in (
         # Level 3: most of level 9's size at a fraction of its encode time (see FORMAT.md).
-        Codec("png", ".png", (cv2.IMWRITE_PNG_COMPRESSION, 3)),
+        Codec("png", ".png", (cv2.IMWRITE_PNG_COMPRESSION, 3), magic=(0, b"\x89PNG")),
         # Quality above 100 selects WebP's lossless mode: ~2.4x smaller than PNG, ~4x slower to write.
-        Codec("webp", ".webp", (cv2.IMWRITE_WEBP_QUALITY, 101)),
-        Codec("jpeg", ".jpg", (cv2.IMWRITE_JPEG_QUALITY, 95), lossless=False),
+        Codec("webp", ".webp", (cv2.IMWRITE_WEBP_QUALITY, 101), magic=(8, b"WEBP")),
+        Codec("jpeg", ".jpg", (cv2.IMWRITE_JPEG_QUALITY, 95), lossless=False, magic=(0, b"\xff\xd8")),
         Codec("raw", None),
     )
 }
@@ -69,13 +71,31 @@ def pack_frames(encoded: list[np.ndarray], codec: Codec) -> dict[str, np.ndarray
     return {"frames_data": data, "frames_offsets": offsets}
 
 
+def check_frames(fields: dict[str, np.ndarray], codec: Codec) -> int:
+    """Cheap check without decoding: offsets consistent and every frame starts with the codec's
+    signature. Returns the number of frames; raises ValueError on bad data."""
+    if codec.ext is None:
+        frames = fields["frames"]
+        if frames.ndim != 4 or frames.shape[-1] != 3:
+            raise ValueError(f"raw frames have shape {frames.shape}, not (N, H, W, 3)")
+        return len(frames)
+    data, offsets = fields["frames_data"], fields["frames_offsets"]
+    if offsets.ndim != 1 or len(offsets) < 1 or offsets[-1] != len(data) or np.any(np.diff(offsets) < 0):
+        raise ValueError("frame offsets do not match the frame data")
+    at, magic = codec.magic
+    for i in range(len(offsets) - 1):
+        start = int(offsets[i]) + at
+        if data[start : start + len(magic)].tobytes() != magic:
+            raise ValueError(f"frame {i} is not a {codec.name} image")
+    return len(offsets) - 1
+
+
 def unpack_frames(fields: dict[str, np.ndarray], codec: Codec) -> np.ndarray:
     """Npz fields of one chunk -> frames (N, H, W, 3) uint8. Raises ValueError on bad data."""
     if codec.ext is None:
         return np.asarray(fields["frames"], dtype=np.uint8)
+    check_frames(fields, codec)
     data, offsets = fields["frames_data"], fields["frames_offsets"]
-    if offsets.ndim != 1 or len(offsets) < 1 or offsets[-1] != len(data) or np.any(np.diff(offsets) < 0):
-        raise ValueError("frame offsets do not match the frame data")
     frames = []
     for i in range(len(offsets) - 1):
         bgr = cv2.imdecode(data[offsets[i] : offsets[i + 1]], cv2.IMREAD_COLOR)

@@ -18,7 +18,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from envs.preprocess import Size, resize_frames
-from record.frame_codecs import get_codec, unpack_frames
+from record.frame_codecs import check_frames, get_codec, unpack_frames
 from record.writer import CHUNK_GLOB, META_FILE
 
 STEP_FIELDS = ("actions", "rewards", "terminated", "truncated", "controller", "timestamps")
@@ -161,7 +161,8 @@ class Dataset:
 def read_chunk(path: Path, frames: bool = True, size: Size | None = None) -> dict[str, np.ndarray]:
     """Read and check one chunk file. Raises one of the read errors if it is damaged.
 
-    Every member is read, so the zip CRC checks every byte even when ``frames`` is False.
+    Every member is read, so the zip CRC checks every byte even when ``frames`` is False; each
+    frame's image signature is checked too, but frames are decoded only when ``frames`` is True.
     """
     with np.load(path, allow_pickle=False) as npz:
         fields = {name: npz[name] for name in npz.files}
@@ -173,13 +174,11 @@ def read_chunk(path: Path, frames: bool = True, size: Size | None = None) -> dic
         if name in fields and len(fields[name]) != n:
             raise ValueError(f"field {name!r} has {len(fields[name])} entries, actions has {n}")
     codec = get_codec(str(fields["codec"]))
+    count = check_frames(fields, codec)  # offsets and image signatures, without decoding
+    if count != n:
+        raise ValueError(f"{count} frames for {n} steps")
     if frames:
-        decoded = unpack_frames(fields, codec)
-        if len(decoded) != n:
-            raise ValueError(f"{len(decoded)} frames for {n} steps")
-        fields["frames"] = resize_frames(decoded, size)
-    elif codec.ext is not None and len(fields["frames_offsets"]) != n + 1:
-        raise ValueError(f"{len(fields['frames_offsets']) - 1} frames for {n} steps")
+        fields["frames"] = resize_frames(unpack_frames(fields, codec), size)
     for name in ("frames_data", "frames_offsets"):
         fields.pop(name, None)
     if not frames:
