@@ -31,7 +31,7 @@ class GameEnv(gym.Wrapper):
     def __init__(
         self,
         env: gym.Env,
-        spec: "GameSpec",
+        spec: GameSpec,
         keymap: Keymap,
         action_names: list[str],
         frame_source: str,

@@ -16,8 +16,9 @@ Resolution of a held-key set to one action id is deterministic:
 from __future__ import annotations
 
 import string
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 NOOP_NAMES = ("NOOP", "NONE", "IDLE")  # action names that mean "do nothing", compared upper-case
 
@@ -72,7 +73,7 @@ class Keymap:
         return len(self.actions)
 
     @classmethod
-    def from_dict(cls, mapping: Mapping[str, Any], noop: str | None = None) -> "Keymap":
+    def from_dict(cls, mapping: Mapping[str, Any], noop: str | None = None) -> Keymap:
         """Build from ``{action_name: keys}`` in action-id order.
 
         ``keys`` is ``[]`` (no key), a list of key names held together (``["up", "left"]``), or a
@@ -97,7 +98,7 @@ class Keymap:
         }
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> "Keymap":
+    def from_json(cls, data: Mapping[str, Any]) -> Keymap:
         """Inverse of :meth:`to_dict`."""
         return cls.from_dict(data["actions"], noop=data.get("noop"))
 
@@ -144,7 +145,7 @@ def _tokens(name: str) -> list[str] | None:
             if word is None:
                 return None
             words.append(word)
-            rest = rest[len(word):]
+            rest = rest[len(word) :]
     return words
 
 

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import difflib
 import importlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Mapping
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
@@ -203,7 +204,9 @@ def make_game(
     if list(keymap.actions) != names:
         env.close()
         raise ValueError(f"{spec.name}: keymap actions {list(keymap.actions)} != env actions {names}")
-    spec = replace(spec, fps=spec.fps or _native_fps(env), frame_source=frame_source, keymap=keymap)
+    spec = replace(
+        spec, make_kwargs=kwargs, fps=spec.fps or _native_fps(env), frame_source=frame_source, keymap=keymap
+    )
     return GameEnv(env, spec, keymap, names, frame_source, seed=seed)
 
 
@@ -231,7 +234,9 @@ def _frame_source(env: gym.Env) -> str:
     return "render"
 
 
-MIN_FRAME_SIDE = 24  # pixels; smaller (H, W, 3) observations are symbolic grids (MiniGrid's 7x7x3), not images
+MIN_FRAME_SIDE = (
+    24  # pixels; smaller (H, W, 3) observations are symbolic grids (MiniGrid's 7x7x3), not images
+)
 
 
 def _is_frame_space(space: gym.Space) -> bool:
@@ -287,7 +292,9 @@ def _import_module(module: str) -> None:
         importlib.import_module(module)
     except ImportError as err:
         package = _INSTALL_HINT.get(module, module.split(".")[0])
-        raise UnknownGameError(f"this game needs the package {package!r}: pip install {package} ({err})") from err
+        raise UnknownGameError(
+            f"this game needs the package {package!r}: pip install {package} ({err})"
+        ) from err
 
 
 def _load(path: str) -> Any:

@@ -70,20 +70,37 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--env", help=f"game name ({', '.join(SPECS)}) or a Gymnasium id (e.g. ALE/Pong-v5)")
     c.add_argument("--controller", choices=CONTROLLERS, default="random", help="who chooses the actions")
     c.add_argument("--out", type=Path, required=True, help="dataset directory (created if missing)")
-    c.add_argument("--frames", type=_positive, help="frames to record (with --resume: the total wanted in DIR)")
+    c.add_argument(
+        "--frames", type=_positive, help="frames to record (with --resume: the total wanted in DIR)"
+    )
     c.add_argument("--episodes", type=_positive, help="episodes to record")
     c.add_argument("--workers", type=_positive, default=1, help="processes recording in parallel")
-    c.add_argument("--seed", type=int, help="base seed: the k-th episode in DIR gets seed+k (default: random)")
+    c.add_argument(
+        "--seed", type=int, help="base seed: the k-th episode in DIR gets seed+k (default: random)"
+    )
     c.add_argument("--size", type=_size, help="store frames at HxW instead of the native size (e.g. 64x64)")
     c.add_argument("--codec", choices=list(CODECS), default="png", help="frame compression")
-    c.add_argument("--repeat", type=_repeat, default=(4, 4), metavar="N|LOW-HIGH",
-                   help="random controller: frames each action is held")
+    c.add_argument(
+        "--repeat",
+        type=_repeat,
+        default=(4, 4),
+        metavar="N|LOW-HIGH",
+        help="random controller: frames each action is held",
+    )
     c.add_argument("--max-episode-frames", type=_positive, help="cut episodes at this length")
-    c.add_argument("--chunk-frames", type=_positive, default=256, help="frames per chunk file (the most a crash loses)")
-    c.add_argument("--chunk-seconds", type=float, default=10.0, help="also flush a chunk after this many seconds")
+    c.add_argument(
+        "--chunk-frames", type=_positive, default=256, help="frames per chunk file (the most a crash loses)"
+    )
+    c.add_argument(
+        "--chunk-seconds", type=float, default=10.0, help="also flush a chunk after this many seconds"
+    )
     c.add_argument("--resume", action="store_true", help="count frames already in DIR towards --frames")
-    c.add_argument("--replay", type=Path, metavar="EPISODE_DIR",
-                   help="replay controller: the recorded episode to play back (same game and seed)")
+    c.add_argument(
+        "--replay",
+        type=Path,
+        metavar="EPISODE_DIR",
+        help="replay controller: the recorded episode to play back (same game and seed)",
+    )
     c.add_argument("--scale", type=_positive, help="human controller: window upscale (default: about 640 px)")
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -127,10 +144,22 @@ def _collect(args: argparse.Namespace) -> int:
     if args.replay is not None:
         args.controller = "replay"
     cfg = CollectConfig(
-        env=args.env or "", out=args.out, controller=args.controller, frames=args.frames, episodes=args.episodes,
-        workers=args.workers, seed=args.seed, size=args.size, codec=args.codec, repeat=args.repeat,
-        max_episode_frames=args.max_episode_frames, chunk_frames=args.chunk_frames,
-        chunk_seconds=args.chunk_seconds, resume=args.resume, replay=args.replay, scale=args.scale,
+        env=args.env or "",
+        out=args.out,
+        controller=args.controller,
+        frames=args.frames,
+        episodes=args.episodes,
+        workers=args.workers,
+        seed=args.seed,
+        size=args.size,
+        codec=args.codec,
+        repeat=args.repeat,
+        max_episode_frames=args.max_episode_frames,
+        chunk_frames=args.chunk_frames,
+        chunk_seconds=args.chunk_seconds,
+        resume=args.resume,
+        replay=args.replay,
+        scale=args.scale,
         progress=not args.no_progress,
     )
     summary = collect(cfg)
@@ -141,7 +170,9 @@ def _collect(args: argparse.Namespace) -> int:
 def _stats(args: argparse.Namespace) -> int:
     stats = compute_stats(args.dir)
     if stats["episodes"] == 0:
-        raise DatasetError(f"no episodes in {args.dir}: record some with `python -m record collect --out {args.dir} ...`")
+        raise DatasetError(
+            f"no episodes in {args.dir}: record some with `python -m record collect --out {args.dir} ...`"
+        )
     print(json.dumps(stats, indent=1) if args.json else format_stats(stats))
     if stats["frames"] == 0:
         print(f"record stats: error: nothing in {args.dir} is readable (see bad_chunks)", file=sys.stderr)

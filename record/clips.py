@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -72,7 +72,9 @@ class ClipSampler:
         dirs = self.dataset.episode_dirs
         if not dirs:
             raise DatasetError(f"no episodes in {root}: record some with `python -m record collect`")
-        self.tracks = [self._load(d) for d in tqdm(dirs, desc="clips: loading episodes", disable=not progress)]
+        self.tracks = [
+            self._load(d) for d in tqdm(dirs, desc="clips: loading episodes", disable=not progress)
+        ]
         self.tracks = [t for t in self.tracks if len(t.starts)]
         if not self.tracks:
             raise DatasetError(f"no episode in {root} has {clip_len} consecutive readable frames")
@@ -106,8 +108,8 @@ class ClipSampler:
             track = self.tracks[i]
             s = int(track.starts[self.rng.integers(len(track.starts))])
             frames[b] = track.frames[s : s + T]
-            for k in fields:
-                fields[k].append(getattr(track, k)[s : s + T])
+            for k, values in fields.items():
+                values.append(getattr(track, k)[s : s + T])
         data = {k: torch.from_numpy(np.stack(v)) for k, v in fields.items()}
         data["frames"] = torch.from_numpy(frames)
         data["episode"] = torch.from_numpy(np.repeat(picks[:, None], T, axis=1).astype(np.int64))
@@ -132,7 +134,8 @@ class ClipSampler:
             "rewards": np.concatenate([p.rewards for p in pieces]) if pieces else np.zeros(0, np.float32),
             "terminated": np.concatenate([p.terminated for p in pieces]) if pieces else np.zeros(0, bool),
             "truncated": np.concatenate([p.truncated for p in pieces]) if pieces else np.zeros(0, bool),
-            "frame_index": np.concatenate([p.start + np.arange(len(p)) for p in pieces]) if pieces
+            "frame_index": np.concatenate([p.start + np.arange(len(p)) for p in pieces])
+            if pieces
             else np.zeros(0, np.int64),
             "lengths": np.array([len(p) for p in pieces], dtype=np.int64),
         }
@@ -183,7 +186,9 @@ class ClipSampler:
             self.problems.append(ChunkProblem(str(path), str(reason)))
         return self._track(frames, steps)
 
-    def _write_cache(self, episode_dir: Path, key: str, frames: np.ndarray, steps: dict[str, np.ndarray]) -> np.ndarray:
+    def _write_cache(
+        self, episode_dir: Path, key: str, frames: np.ndarray, steps: dict[str, np.ndarray]
+    ) -> np.ndarray:
         """Store one episode's cache (atomically) and return its frames as a memory map."""
         assert self.cache_dir is not None
         try:
@@ -196,9 +201,15 @@ class ClipSampler:
         for stale in self.cache_dir.glob(prefix + "*"):  # older versions of a growing episode
             if key not in stale.name:
                 stale.unlink(missing_ok=True)
-        mine = [p for p in self.problems if p.path.startswith(str(episode_dir) + os.sep) or p.path == str(episode_dir)]
-        extra = {"problem_paths": np.array([p.path for p in mine], dtype=str),
-                 "problem_reasons": np.array([p.reason for p in mine], dtype=str)}
+        mine = [
+            p
+            for p in self.problems
+            if p.path.startswith(str(episode_dir) + os.sep) or p.path == str(episode_dir)
+        ]
+        extra = {
+            "problem_paths": np.array([p.path for p in mine], dtype=str),
+            "problem_reasons": np.array([p.reason for p in mine], dtype=str),
+        }
         atomic_write(frames_path, lambda f: np.save(f, frames))
         atomic_write(steps_path, lambda f: np.savez(f, **steps, **extra))
         return np.load(frames_path, mmap_mode="r")

@@ -16,9 +16,10 @@ import signal
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from tqdm import tqdm
 
@@ -27,7 +28,7 @@ from envs.preprocess import Size
 from envs.registry import get_spec, make_game
 from record.controllers import Controller, RandomController, ReplayController
 from record.explorer import ExplorerController
-from record.reader import Dataset, DatasetError
+from record.reader import Dataset, DatasetError, Episode
 from record.writer import (
     END_BUDGET,
     END_INTERRUPTED,
@@ -138,7 +139,13 @@ def run_session(
             controller.reset(frame, seed)
             meta = _episode_meta(env, controller, seed, base_seed, index, cfg)
             writer = EpisodeWriter(
-                cfg.out, meta, env.observation_space.shape, cfg.codec, cfg.size, cfg.chunk_frames, cfg.chunk_seconds
+                cfg.out,
+                meta,
+                env.observation_space.shape,
+                cfg.codec,
+                cfg.size,
+                cfg.chunk_frames,
+                cfg.chunk_seconds,
             )
             end = None
             controller_stopped = False
@@ -158,7 +165,13 @@ def run_session(
                     else:
                         frame, reward, terminated, truncated, info = env.step(action)
                         writer.add(
-                            frame, action, reward, terminated, truncated, controller.name, position=info.get("position")
+                            frame,
+                            action,
+                            reward,
+                            terminated,
+                            truncated,
+                            controller.name,
+                            position=info.get("position"),
                         )
                         frames_done += 1
                         report(1, 0)
@@ -198,13 +211,15 @@ def _episode_meta(
     }
 
 
-def _replay_source(path: Path) -> Any:
+def _replay_source(path: Path) -> Episode:
     """The recorded episode a replay plays back (its first readable piece)."""
     path = Path(path)
     dataset = Dataset(path.parent)
     pieces = dataset.read(path, frames=False)
     if not pieces or pieces[0].start != 0 or not pieces[0].meta:
-        raise DatasetError(f"{path} is not a readable recorded episode (a directory with meta.json and chunks)")
+        raise DatasetError(
+            f"{path} is not a readable recorded episode (a directory with meta.json and chunks)"
+        )
     return pieces[0]
 
 
@@ -220,10 +235,15 @@ def existing_episodes(out: Path, game: str) -> tuple[int, int]:
         meta = dataset.meta(episode_dir)
         if meta.get("game") not in (None, game):
             raise DatasetError(
-                f"{out} already holds episodes of {meta['game']!r}, not {game!r}: use one --out directory per game"
+                f"{out} already holds episodes of {meta['game']!r}, not {game!r}: "
+                "use one --out directory per game"
             )
         episodes += 1
-        frames += int(meta["frames"]) if meta.get("closed") else sum(len(e) for e in dataset.read(episode_dir, frames=False))
+        frames += (
+            int(meta["frames"])
+            if meta.get("closed")
+            else sum(len(e) for e in dataset.read(episode_dir, frames=False))
+        )
     return episodes, frames
 
 
@@ -248,13 +268,20 @@ def collect(cfg: CollectConfig) -> dict[str, Any]:
     workers = max(1, cfg.workers)
     total = frames if frames is not None else cfg.episodes
     unit = "frame" if frames is not None else "episode"
-    bar = tqdm(total=total, unit=unit, desc=f"{game} {cfg.controller}", disable=not cfg.progress,
-               mininterval=0.5 if sys.stderr.isatty() else 30.0, dynamic_ncols=True)
+    bar = tqdm(
+        total=total,
+        unit=unit,
+        desc=f"{game} {cfg.controller}",
+        disable=not cfg.progress,
+        mininterval=0.5 if sys.stderr.isatty() else 30.0,
+        dynamic_ncols=True,
+    )
     start = time.monotonic()
     stop = Stop()
     previous_handlers = stop.install()
     try:
         if workers == 1:
+
             def report(df: int, de: int) -> None:
                 bar.update(df if unit == "frame" else de)
 
@@ -262,7 +289,9 @@ def collect(cfg: CollectConfig) -> dict[str, Any]:
                 cfg, frames, cfg.episodes, lambda j: n_existing + j, base_seed, stop, report
             )
         else:
-            got_frames, got_episodes = _run_workers(cfg, frames, workers, n_existing, base_seed, stop, bar, unit)
+            got_frames, got_episodes = _run_workers(
+                cfg, frames, workers, n_existing, base_seed, stop, bar, unit
+            )
     finally:
         bar.close()
         restore_signals(previous_handlers)
@@ -286,8 +315,14 @@ def _share(total: int | None, workers: int, w: int) -> int | None:
 
 
 def _run_workers(
-    cfg: CollectConfig, frames: int | None, workers: int, n_existing: int, base_seed: int,
-    stop: Stop, bar: tqdm, unit: str,
+    cfg: CollectConfig,
+    frames: int | None,
+    workers: int,
+    n_existing: int,
+    base_seed: int,
+    stop: Stop,
+    bar: tqdm,
+    unit: str,
 ) -> tuple[int, int]:
     ctx = mp.get_context("spawn")  # fresh interpreters: game libraries and fork do not mix well
     messages = ctx.Queue()
@@ -295,8 +330,17 @@ def _run_workers(
     procs = [
         ctx.Process(
             target=_worker_main,
-            args=(cfg, w, workers, _share(frames, workers, w), _share(cfg.episodes, workers, w),
-                  n_existing, base_seed, messages, stop_event),
+            args=(
+                cfg,
+                w,
+                workers,
+                _share(frames, workers, w),
+                _share(cfg.episodes, workers, w),
+                n_existing,
+                base_seed,
+                messages,
+                stop_event,
+            ),
         )
         for w in range(workers)
     ]
@@ -334,8 +378,15 @@ def _run_workers(
 
 
 def _worker_main(
-    cfg: CollectConfig, w: int, workers: int, frame_budget: int | None, episode_budget: int | None,
-    n_existing: int, base_seed: int, messages: Any, stop_event: Any,
+    cfg: CollectConfig,
+    w: int,
+    workers: int,
+    frame_budget: int | None,
+    episode_budget: int | None,
+    n_existing: int,
+    base_seed: int,
+    messages: Any,
+    stop_event: Any,
 ) -> None:
     """Entry point of a worker process: run a session, report progress through ``messages``."""
     stop = Stop(stop_event)
@@ -353,7 +404,9 @@ def _worker_main(
             last = time.monotonic()
 
     try:
-        run_session(cfg, frame_budget, episode_budget, lambda j: n_existing + w + j * workers, base_seed, stop, report)
+        run_session(
+            cfg, frame_budget, episode_budget, lambda j: n_existing + w + j * workers, base_seed, stop, report
+        )
         messages.put(("progress", w, pending[0], pending[1]))
         messages.put(("done", w, 0, 0))
     except Exception:  # noqa: BLE001  (the parent prints it; a worker must always answer)

@@ -11,7 +11,8 @@ session (the person quit, the replay ran out). Its ``name`` is stored with every
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 

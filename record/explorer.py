@@ -13,7 +13,8 @@ STRAFE_RIGHT, FORWARD_TURN_LEFT, FORWARD_TURN_RIGHT and NOOP when the game has t
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import cv2
 import numpy as np
@@ -121,7 +122,9 @@ class ExplorerController(Controller):
     def _next_maneuver(self) -> list[int]:
         names = list(MANEUVERS)
         probs = np.array([MANEUVERS[m][0] for m in names])
-        choice = "walk" if self.last_maneuver == "turn" else str(self.rng.choice(names, p=probs / probs.sum()))
+        choice = (
+            "walk" if self.last_maneuver == "turn" else str(self.rng.choice(names, p=probs / probs.sum()))
+        )
         self.last_maneuver = choice
         low, high = MANEUVERS[choice][1]
         n = int(self.rng.integers(low, high + 1))
@@ -181,6 +184,8 @@ def _motion(prev: np.ndarray, cur: np.ndarray) -> float:
     of up to BOB_ROWS rows (so that view bob is not mistaken for moving)."""
     n = prev.shape[0]
     return min(
-        float(np.abs(cur[dy:] - prev[: n - dy]).mean()) if dy >= 0 else float(np.abs(cur[:dy] - prev[-dy:]).mean())
+        float(np.abs(cur[dy:] - prev[: n - dy]).mean())
+        if dy >= 0
+        else float(np.abs(cur[:dy] - prev[-dy:]).mean())
         for dy in range(-BOB_ROWS, BOB_ROWS + 1)
     )

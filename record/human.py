@@ -19,7 +19,7 @@ from record.writer import END_INTERRUPTED
 # Let Python's SIGINT handler (flush the chunk, close the episode) run instead of SDL's own.
 os.environ.setdefault("SDL_NO_SIGNAL_HANDLERS", "1")
 os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
-import pygame  # noqa: E402  (after the SDL environment above)
+import pygame
 
 WINDOW_SIDE = 640  # pixels: frames are scaled up by an integer factor to about this size
 HUD_HEIGHT = 22  # pixels of status line under the frame

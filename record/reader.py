@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 import zipfile
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -97,7 +98,9 @@ class Dataset:
     def episode_dirs(self) -> list[Path]:
         """Episode directories, oldest first (names sort by creation time)."""
         return sorted(
-            d for d in self.root.iterdir() if d.is_dir() and ((d / META_FILE).exists() or any(d.glob(CHUNK_GLOB)))
+            d
+            for d in self.root.iterdir()
+            if d.is_dir() and ((d / META_FILE).exists() or any(d.glob(CHUNK_GLOB)))
         )
 
     @property

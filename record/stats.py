@@ -119,7 +119,7 @@ def _coverage(positions: np.ndarray) -> dict[str, Any]:
     cells = np.unique(np.floor(positions / POSITION_CELL).astype(np.int64), axis=0)
     return {
         "cell_size": POSITION_CELL,
-        "cells_visited": int(len(cells)),
+        "cells_visited": len(cells),
         "position_std": [round(float(s), 1) for s in positions.std(axis=0)],
     }
 
@@ -127,15 +127,21 @@ def _coverage(positions: np.ndarray) -> dict[str, Any]:
 def format_stats(stats: dict[str, Any]) -> str:
     """A short human-readable report."""
     lines = [
-        f"{stats['root']}: {stats['episodes']} episodes, {stats['frames']} frames "
-        f"({stats['open_episodes']} not closed), {stats['bytes'] / 1e6:.1f} MB "
-        f"({stats['bytes_per_frame'] or 0:.0f} B/frame)",
-        f"games {stats['games']}  fps {stats['fps']}  frames {stats['frame_shapes']}  codecs {stats['codecs']}",
+        (
+            f"{stats['root']}: {stats['episodes']} episodes, {stats['frames']} frames "
+            f"({stats['open_episodes']} not closed), {stats['bytes'] / 1e6:.1f} MB "
+            f"({stats['bytes_per_frame'] or 0:.0f} B/frame)"
+        ),
+        f"games {stats['games']}  fps {stats['fps']}  frames {stats['frame_shapes']}  "
+        f"codecs {stats['codecs']}",
         f"controllers {stats['controllers']}",
         f"ends {stats['ends']}  terminated {stats['terminated']}  truncated {stats['truncated']}",
         f"episode length {stats['episode_length']}",
         f"rewards {stats['rewards']}",
-        "actions " + ", ".join(f"{k} {v} ({v / max(1, sum(stats['actions'].values())):.0%})" for k, v in stats["actions"].items()),
+        "actions "
+        + ", ".join(
+            f"{k} {v} ({v / max(1, sum(stats['actions'].values())):.0%})" for k, v in stats["actions"].items()
+        ),
     ]
     if "coverage" in stats:
         lines.append(f"coverage {stats['coverage']}")

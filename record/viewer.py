@@ -38,12 +38,15 @@ def status_line(episode: Episode, index: int, position: int, count: int) -> str:
         [" TERMINATED" if episode.terminated[index] else "", " TRUNCATED" if episode.truncated[index] else ""]
     )
     return (
-        f"ep {position + 1}/{count} {episode.name}  frame {episode.start + index}/{episode.start + len(episode) - 1}  "
+        f"ep {position + 1}/{count} {episode.name}  "
+        f"frame {episode.start + index}/{episode.start + len(episode) - 1}  "
         f"action {action_name}  reward {episode.rewards[index]:g}  {episode.controller[index]}{flags}"
     )
 
 
-def view(root: Path | str, episode: int = 0, scale: int | None = None, max_steps: int | None = None) -> ViewerState:
+def view(
+    root: Path | str, episode: int = 0, scale: int | None = None, max_steps: int | None = None
+) -> ViewerState:
     """Open the viewer on dataset ``root`` at episode index ``episode``; returns where it ended.
 
     max_steps: stop after this many loop iterations (for headless runs); None runs until quit.
@@ -70,7 +73,11 @@ def view(root: Path | str, episode: int = 0, scale: int | None = None, max_steps
             if state.playing:
                 state.frame = min(state.frame + 1, len(current) - 1)
                 state.playing = state.frame < len(current) - 1
-            draw_frame(screen, current.frames[state.frame], status_line(current, state.frame, state.episode, len(dirs)))
+            draw_frame(
+                screen,
+                current.frames[state.frame],
+                status_line(current, state.frame, state.episode, len(dirs)),
+            )
             clock.tick(float(current.meta.get("fps", 30)) if state.playing else 60)
     finally:
         pygame.display.quit()
@@ -111,16 +118,30 @@ def _load(dataset: Dataset, dirs: list[Path], index: int) -> Episode:
     if not pieces:
         blank = np.zeros((64, 64, 3), np.uint8)
         meta = dataset.meta(dirs[index])
-        return Episode(dirs[index], meta, 0, blank[None], np.array([-1]), np.zeros(1, np.float32),
-                       np.zeros(1, bool), np.zeros(1, bool), np.array(["(unreadable)"]), np.zeros(1))
+        return Episode(
+            dirs[index],
+            meta,
+            0,
+            blank[None],
+            np.array([-1]),
+            np.zeros(1, np.float32),
+            np.zeros(1, bool),
+            np.zeros(1, bool),
+            np.array(["(unreadable)"]),
+            np.zeros(1),
+        )
     return pieces[0] if len(pieces) == 1 else _concat(pieces)
 
 
 def _concat(pieces: list[Episode]) -> Episode:
     first = pieces[0]
     return Episode(
-        first.path, first.meta, first.start,
+        first.path,
+        first.meta,
+        first.start,
         np.concatenate([p.frames for p in pieces]),
-        *(np.concatenate([getattr(p, k) for p in pieces])
-          for k in ("actions", "rewards", "terminated", "truncated", "controller", "timestamps")),
+        *(
+            np.concatenate([getattr(p, k) for p in pieces])
+            for k in ("actions", "rewards", "terminated", "truncated", "controller", "timestamps")
+        ),
     )

@@ -11,9 +11,11 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import IO, Any, Callable
+from types import TracebackType
+from typing import IO, Any
 
 import numpy as np
 
@@ -210,9 +212,9 @@ class EpisodeWriter:
         if self._closed:
             return self.meta
         p = self._pending
-        if end not in (END_TERMINATED, END_TRUNCATED) and p["actions"]:
-            if not (p["terminated"][-1] or p["truncated"][-1]):
-                p["truncated"][-1] = True
+        game_ended = bool(p["actions"]) and (p["terminated"][-1] or p["truncated"][-1])
+        if end not in (END_TERMINATED, END_TRUNCATED) and p["actions"] and not game_ended:
+            p["truncated"][-1] = True
         self.flush()
         self._closed = True
         self.meta.update(
@@ -226,14 +228,25 @@ class EpisodeWriter:
         write_json(self.dir / META_FILE, self.meta)
         return self.meta
 
-    def __enter__(self) -> "EpisodeWriter":
+    def __enter__(self) -> EpisodeWriter:
         return self
 
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         # An exception mid-episode (including KeyboardInterrupt) still lands what was recorded.
         self.close(END_INTERRUPTED if exc_type is not None else END_TERMINATED)
 
 
 def _empty_pending() -> dict[str, list]:
-    keys = ("frames", "actions", "rewards", "terminated", "truncated", "controller", "timestamps", "positions")
+    keys = (
+        "frames",
+        "actions",
+        "rewards",
+        "terminated",
+        "truncated",
+        "controller",
+        "timestamps",
+        "positions",
+    )
     return {k: [] for k in keys}

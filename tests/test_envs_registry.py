@@ -74,7 +74,7 @@ def test_doom_navigation_actions_and_position() -> None:
     assert frame.shape == (240, 320, 3) and "position" in info
     assert env.action_names[:3] == ["NOOP", "FORWARD", "BACKWARD"] and env.fps == 17.5
     for _ in range(6):
-        frame, reward, terminated, truncated, info = env.step(env.action_names.index("FORWARD"))
+        frame, *_, info = env.step(env.action_names.index("FORWARD"))
     assert frame.std() > 10  # a real view, not a blank screen
     env.close()
 

@@ -25,8 +25,19 @@ def run(capsys, *argv: str) -> tuple[int, str, str]:
 
 
 def test_collect_then_stats(tmp_path: Path, capsys) -> None:
-    code, out, _ = run(capsys, "collect", "--env", "minigrid", "--frames", "40", "--out", str(tmp_path),
-                       "--seed", "1", "--no-progress")
+    code, out, _ = run(
+        capsys,
+        "collect",
+        "--env",
+        "minigrid",
+        "--frames",
+        "40",
+        "--out",
+        str(tmp_path),
+        "--seed",
+        "1",
+        "--no-progress",
+    )
     assert code == 0 and json.loads(out)["frames"] == 40
     code, out, _ = run(capsys, "stats", str(tmp_path), "--json")
     stats = json.loads(out)
@@ -39,8 +50,18 @@ def test_collect_then_stats(tmp_path: Path, capsys) -> None:
 
 
 def test_rerunning_appends_and_resume_counts_what_is_there(tmp_path: Path, capsys) -> None:
-    args = ["collect", "--env", "minigrid", "--out", str(tmp_path), "--no-progress", "--episodes", "2",
-            "--max-episode-frames", "10"]
+    args = [
+        "collect",
+        "--env",
+        "minigrid",
+        "--out",
+        str(tmp_path),
+        "--no-progress",
+        "--episodes",
+        "2",
+        "--max-episode-frames",
+        "10",
+    ]
     assert run(capsys, *args)[0] == 0
     first = {p: p.read_bytes() for p in tmp_path.glob("*/*")}
     assert run(capsys, *args)[0] == 0
@@ -48,14 +69,37 @@ def test_rerunning_appends_and_resume_counts_what_is_there(tmp_path: Path, capsy
     assert all(p.read_bytes() == data for p, data in first.items())  # nothing clobbered
     seeds = [Dataset(tmp_path).meta(d)["episode_index"] for d in Dataset(tmp_path).episode_dirs]
     assert seeds == [0, 1, 2, 3]  # appended episodes continue the seed sequence
-    code, out, _ = run(capsys, "collect", "--env", "minigrid", "--out", str(tmp_path), "--no-progress",
-                       "--frames", "40", "--resume")
+    code, out, _ = run(
+        capsys,
+        "collect",
+        "--env",
+        "minigrid",
+        "--out",
+        str(tmp_path),
+        "--no-progress",
+        "--frames",
+        "40",
+        "--resume",
+    )
     assert code == 0 and json.loads(out)["frames"] == 0  # 40 frames are already there
 
 
 def test_collect_at_a_chosen_size_with_two_workers(tmp_path: Path, capsys) -> None:
-    code, out, _ = run(capsys, "collect", "--env", "breakout", "--frames", "60", "--workers", "2", "--size", "32x32",
-                       "--out", str(tmp_path), "--no-progress")
+    code, out, _ = run(
+        capsys,
+        "collect",
+        "--env",
+        "breakout",
+        "--frames",
+        "60",
+        "--workers",
+        "2",
+        "--size",
+        "32x32",
+        "--out",
+        str(tmp_path),
+        "--no-progress",
+    )
     assert code == 0 and json.loads(out)["frames"] == 60
     episodes = list(Dataset(tmp_path).episodes())
     assert len(episodes) == 2 and all(e.frames.shape[1:] == (32, 32, 3) for e in episodes)
@@ -65,8 +109,10 @@ def test_collect_at_a_chosen_size_with_two_workers(tmp_path: Path, capsys) -> No
     "argv, message",
     [
         (["collect", "--env", "nosuchgame", "--frames", "5", "--out", "{tmp}"], "unknown game 'nosuchgame'"),
-        (["collect", "--env", "breakout", "--controller", "explorer", "--frames", "5", "--out", "{tmp}"],
-         "first-person"),
+        (
+            ["collect", "--env", "breakout", "--controller", "explorer", "--frames", "5", "--out", "{tmp}"],
+            "first-person",
+        ),
         (["collect", "--env", "breakout", "--out", "{tmp}"], "needs a budget"),
         (["collect", "--frames", "5", "--out", "{tmp}"], "which game"),
         (["stats", "{tmp}/missing"], "does not exist"),
@@ -80,7 +126,12 @@ def test_bad_input_gets_one_clear_line(tmp_path: Path, capsys, argv: list[str], 
 
 
 def test_one_dataset_directory_per_game(tmp_path: Path, capsys) -> None:
-    assert run(capsys, "collect", "--env", "minigrid", "--frames", "5", "--out", str(tmp_path), "--no-progress")[0] == 0
+    assert (
+        run(capsys, "collect", "--env", "minigrid", "--frames", "5", "--out", str(tmp_path), "--no-progress")[
+            0
+        ]
+        == 0
+    )
     code, _, err = run(capsys, "collect", "--env", "breakout", "--frames", "5", "--out", str(tmp_path))
     assert code == 2 and "one --out directory per game" in err
 
@@ -102,17 +153,43 @@ def test_stats_when_nothing_is_readable(tmp_path: Path, capsys) -> None:
 
 
 def test_no_traceback_from_the_command_line(tmp_path: Path) -> None:
-    result = subprocess.run([sys.executable, "-m", "record", "stats", str(tmp_path / "nope")], cwd=ROOT,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "record", "stats", str(tmp_path / "nope")],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert result.returncode == 2 and "Traceback" not in result.stderr and "does not exist" in result.stderr
-    help_ = subprocess.run([sys.executable, "-m", "record", "collect", "--help"], cwd=ROOT,
-                           env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
+    help_ = subprocess.run(
+        [sys.executable, "-m", "record", "collect", "--help"],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert help_.returncode == 0 and "--controller" in help_.stdout and "--resume" in help_.stdout
 
 
 def test_viewer_steps_through_episodes_headless(tmp_path: Path, capsys) -> None:
-    assert run(capsys, "collect", "--env", "minigrid", "--episodes", "2", "--max-episode-frames", "6",
-               "--out", str(tmp_path), "--no-progress")[0] == 0
+    assert (
+        run(
+            capsys,
+            "collect",
+            "--env",
+            "minigrid",
+            "--episodes",
+            "2",
+            "--max-episode-frames",
+            "6",
+            "--out",
+            str(tmp_path),
+            "--no-progress",
+        )[0]
+        == 0
+    )
     pygame.display.init()
     for key in (pygame.K_RIGHT, pygame.K_RIGHT, pygame.K_RIGHT, pygame.K_LEFT):
         pygame.event.post(pygame.event.Event(pygame.KEYDOWN, key=key, mod=0))

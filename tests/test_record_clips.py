@@ -16,8 +16,9 @@ LENGTHS = (9, 30, 14)  # episode lengths; clips of 8 fit 2, 23 and 7 ways
 def write_dataset(root: Path, lengths=LENGTHS, chunk_frames: int = 5) -> None:
     """Frames whose colour encodes (episode, index): red = index, green = 50 * episode."""
     for e, n in enumerate(lengths):
-        writer = EpisodeWriter(root, {"game": "toy", "action_names": ["a", "b", "c"]}, (20, 24, 3),
-                               chunk_frames=chunk_frames)
+        writer = EpisodeWriter(
+            root, {"game": "toy", "action_names": ["a", "b", "c"]}, (20, 24, 3), chunk_frames=chunk_frames
+        )
         for i in range(n):
             frame = np.zeros((20, 24, 3), np.uint8)
             frame[..., 0], frame[..., 1] = i, 50 * e
@@ -62,7 +63,7 @@ def test_clips_never_cross_episodes_and_cover_every_start(tmp_path: Path) -> Non
 
 def test_a_hole_from_a_bad_chunk_is_never_crossed(tmp_path: Path) -> None:
     write_dataset(tmp_path, lengths=(30,))
-    bad = sorted(tmp_path.glob("*/chunk_000002.npz"))[0]  # frames 10..14
+    (bad,) = tmp_path.glob("*/chunk_000002.npz")  # frames 10..14
     bad.write_bytes(b"not a zip")
     sampler = ClipSampler(tmp_path, clip_len=6, seed=0)
     assert [p.path for p in sampler.problems] == [str(bad)]

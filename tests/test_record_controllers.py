@@ -43,8 +43,9 @@ def test_recorded_actions_replay_to_identical_frames(tmp_path: Path, game: str) 
 def test_replay_controller_rerecords_an_episode(tmp_path: Path) -> None:
     collect(CollectConfig(env="breakout", out=tmp_path / "a", frames=60, seed=3, progress=False))
     (source,) = Dataset(tmp_path / "a").episodes()
-    summary = collect(CollectConfig(env="", out=tmp_path / "b", controller="replay", replay=source.path,
-                                    progress=False))
+    summary = collect(
+        CollectConfig(env="", out=tmp_path / "b", controller="replay", replay=source.path, progress=False)
+    )
     (copy,) = Dataset(tmp_path / "b").episodes()
     assert summary["frames"] == 60 and copy.meta["seed"] == source.meta["seed"]
     assert np.array_equal(copy.frames, source.frames) and np.array_equal(copy.actions, source.actions)
@@ -67,7 +68,9 @@ def test_replay_controller_stops_when_it_runs_out() -> None:
 
 
 def post(kind: int, key: int | None = None) -> None:
-    pygame.event.post(pygame.event.Event(kind, key=key, mod=0) if key is not None else pygame.event.Event(kind))
+    pygame.event.post(
+        pygame.event.Event(kind, key=key, mod=0) if key is not None else pygame.event.Event(kind)
+    )
 
 
 def test_human_controller_follows_posted_key_events() -> None:
@@ -94,7 +97,9 @@ def test_human_controller_follows_posted_key_events() -> None:
 def test_human_session_records_the_keys_held(tmp_path: Path) -> None:
     pygame.display.init()
     post(pygame.KEYDOWN, pygame.K_RIGHT)  # held from the start of the session
-    summary = collect(CollectConfig(env="minigrid", out=tmp_path, controller="human", frames=5, progress=False))
+    summary = collect(
+        CollectConfig(env="minigrid", out=tmp_path, controller="human", frames=5, progress=False)
+    )
     (episode,) = Dataset(tmp_path).episodes()
     assert summary["frames"] == 5 and set(episode.controller) == {"human"}
     assert [episode.action_names[a] for a in episode.actions[1:]] == ["right"] * 4
@@ -123,7 +128,7 @@ def test_explorer_walks_a_doom_map() -> None:
     positions, actions = [info["position"]], []
     for _ in range(400):
         actions.append(ctrl.act(frame))
-        frame, _, terminated, truncated, info = env.step(actions[-1])
+        frame, *_, info = env.step(actions[-1])
         positions.append(info["position"])
     env.close()
     cells = {tuple(c) for c in (np.array(positions) // 64).astype(int)}

@@ -21,10 +21,31 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT), "SDL_VIDEODRIVER": "dummy", "SDL_A
 
 def start(out: Path, *args: str) -> subprocess.Popen:
     """``python -m record collect`` on MiniGrid into ``out``, in its own process group."""
-    cmd = [sys.executable, "-m", "record", "collect", "--env", "minigrid", "--out", str(out), "--seed", "0",
-           "--chunk-frames", "16", "--no-progress", *args]
-    return subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "record",
+        "collect",
+        "--env",
+        "minigrid",
+        "--out",
+        str(out),
+        "--seed",
+        "0",
+        "--chunk-frames",
+        "16",
+        "--no-progress",
+        *args,
+    ]
+    return subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def wait_for(predicate, proc: subprocess.Popen, timeout: float = 60.0) -> None:
@@ -61,7 +82,7 @@ def test_kill_9_mid_episode_keeps_every_landed_chunk(tmp_path: Path) -> None:
     assert stats["open_episodes"] == 1
     # The killed episode is a clean prefix: replaying its actions gives exactly its frames.
     dataset = Dataset(tmp_path)
-    open_dir = [d for d in dataset.episode_dirs if not dataset.meta(d)["closed"]][0]
+    open_dir = next(d for d in dataset.episode_dirs if not dataset.meta(d)["closed"])
     (episode,) = dataset.read(open_dir)
     env = make_game("minigrid")
     frame, _ = env.reset(seed=episode.meta["seed"])

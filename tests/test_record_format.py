@@ -18,11 +18,18 @@ def frames_for(n: int, shape=(24, 32, 3), seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (n, *shape), dtype=np.uint8)
 
 
-def write_episode(root: Path, frames: np.ndarray, chunk_frames: int = 4, end: str = "terminated", **kw) -> Path:
+def write_episode(
+    root: Path, frames: np.ndarray, chunk_frames: int = 4, end: str = "terminated", **kw
+) -> Path:
     writer = EpisodeWriter(root, META, frames.shape[1:], chunk_frames=chunk_frames, **kw)
     for i, frame in enumerate(frames):
-        writer.add(frame, NULL_ACTION if i == 0 else i % 3, reward=float(i), controller="random",
-                   terminated=(end == "terminated" and i == len(frames) - 1))
+        writer.add(
+            frame,
+            NULL_ACTION if i == 0 else i % 3,
+            reward=float(i),
+            controller="random",
+            terminated=(end == "terminated" and i == len(frames) - 1),
+        )
     writer.close(end)
     return writer.dir
 
@@ -30,9 +37,19 @@ def write_episode(root: Path, frames: np.ndarray, chunk_frames: int = 4, end: st
 def test_round_trip_is_lossless_and_aligned(tmp_path: Path) -> None:
     frames = frames_for(10)
     ep = write_episode(tmp_path, frames)
-    assert sorted(p.name for p in ep.iterdir()) == ["chunk_000000.npz", "chunk_000001.npz", "chunk_000002.npz", "meta.json"]
+    assert sorted(p.name for p in ep.iterdir()) == [
+        "chunk_000000.npz",
+        "chunk_000001.npz",
+        "chunk_000002.npz",
+        "meta.json",
+    ]
     meta = json.loads((ep / "meta.json").read_text())
-    assert meta["closed"] and meta["frames"] == 10 and meta["chunks"] == 3 and meta["action_names"] == META["action_names"]
+    assert (
+        meta["closed"]
+        and meta["frames"] == 10
+        and meta["chunks"] == 3
+        and meta["action_names"] == META["action_names"]
+    )
     (episode,) = Dataset(tmp_path).episodes()
     assert np.array_equal(episode.frames, frames)
     assert episode.actions.tolist() == [-1] + [i % 3 for i in range(1, 10)]
@@ -111,7 +128,11 @@ def test_stats_counts(tmp_path: Path) -> None:
     stats = compute_stats(tmp_path)
     assert stats["episodes"] == 2 and stats["frames"] == 12 and stats["null_actions"] == 2
     assert sum(stats["actions"].values()) == 10 and set(stats["actions"]) <= set(META["action_names"])
-    assert stats["terminated"] == 1 and stats["truncated"] == 1 and stats["ends"] == {"terminated": 1, "budget": 1}
+    assert (
+        stats["terminated"] == 1
+        and stats["truncated"] == 1
+        and stats["ends"] == {"terminated": 1, "budget": 1}
+    )
     assert stats["controllers"] == {"random": 12} and stats["rewards"]["sum"] == 21 + 10
     assert stats["bad_chunks"] == [] and json.dumps(stats)
 
