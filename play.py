@@ -25,13 +25,14 @@ os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")  # before pygame is imp
 import pygame  # noqa: E402
 import torch  # noqa: E402
 
-from envs.play.controllers import Controller, HeldKeys, make_controller  # noqa: E402
+from envs.play.controllers import HeldKeys, make_controller  # noqa: E402
 from envs.play.hud import FrameStats, Hud  # noqa: E402
 from envs.play.real_game import RealGame  # noqa: E402
 from envs.play.recording import SessionRecorder  # noqa: E402
 from envs.play.video import VideoWriter  # noqa: E402
 from envs.play.window import FrameWindow, display_available  # noqa: E402
 from envs.world_model_env import WorldModelEnv  # noqa: E402
+from record.controllers import Controller  # noqa: E402
 
 # play.py's own keys (pygame key names); they never reach the world's keymap
 UI_KEYS = frozenset({"escape", "h", "r", "1", "2", "4", "p", ".", "v", "c", "tab"})
@@ -46,12 +47,11 @@ class Session:
     events) can check what the loop did.
     """
 
-    def __init__(self, env: WorldModelEnv, window: FrameWindow, controller: Controller, fps: float,
-                 seed: int | None = None, record_dir: str | Path = "recordings",
+    def __init__(self, env: WorldModelEnv, window: FrameWindow, controller: Controller, held: HeldKeys,
+                 fps: float, seed: int | None = None, record_dir: str | Path = "recordings",
                  video_path: str | Path | None = None) -> None:
-        self.env, self.window, self.controller, self.fps = env, window, controller, fps
+        self.env, self.window, self.controller, self.held, self.fps = env, window, controller, held, fps
         self.names = env.action_names
-        self.held = HeldKeys(ignore=UI_KEYS)
         self.hud, self.stats = Hud(), FrameStats()
         self.actions: list[int] = []
         self.running, self.paused, self._single = True, False, False
@@ -86,7 +86,7 @@ class Session:
             return
         self._single = False
         t_keys = time.perf_counter()  # the key state is read here: latency starts
-        action = self.controller.act(self.held.names)
+        action = self.controller.act(self.frame)
         if action is None:  # a replay ran out
             self.running = False
             return
@@ -195,6 +195,7 @@ class Session:
         if self.video is not None:
             self.toggle_video()
         self.recorder.stop()
+        self.controller.close()
         if self.real is not None:
             self.real.close()
         self.env.close()
@@ -206,9 +207,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--world", help="a shipped world by name (default: the default world)")
     src.add_argument("--checkpoint", help="a world checkpoint file (.safetensors)")
-    p.add_argument("--steps", type=int, choices=(1, 2, 4), help="denoising steps per frame (default: the world's)")
+    p.add_argument("--steps", type=int, choices=(1, 2, 4),
+                   help="denoising steps per frame (default: the world's)")
     p.add_argument("--context", default="real", help="real | noise | PATH.png | dataset DIR (default: real)")
-    p.add_argument("--seed", type=int, help="seed of the context choice and the noise (same seed, same dream)")
+    p.add_argument("--seed", type=int,
+                   help="seed of the context choice and the noise (same seed, same dream)")
     p.add_argument("--fps", type=float, help="frame cap; default the world's rate (headless: 0 = uncapped)")
     p.add_argument("--policy", nargs="+", metavar="POLICY",
                    help="human | random | replay FILE (default: human; headless: random)")
@@ -247,15 +250,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         env = WorldModelEnv(checkpoint=args.checkpoint, world=args.world, steps=args.steps, horizon=None,
                             context=args.context)
-        controller = make_controller(args.policy, env.keymap, args.seed)
+        held = HeldKeys(ignore=UI_KEYS)
+        controller = make_controller(args.policy, env.keymap, held, args.seed)
     except (ValueError, OSError) as err:  # CheckpointError, bad context or replay file: say what to fix
         print(f"play.py: {err}", file=sys.stderr)
         return 2
     fps = args.fps if args.fps is not None else (0.0 if args.headless else env.metadata["render_fps"])
     window = FrameWindow(env.observation_space.shape, args.scale, f"world: {env.world_name}")
-    session = Session(env, window, controller, fps, args.seed, args.record_dir, args.out)
+    session = Session(env, window, controller, held, fps, args.seed, args.record_dir, args.out)
     if args.policy[0] == "human":
-        print(f"world {env.world_name}: actions and keys\n{env.keymap.help()}\n{__doc__.split('Controls')[1]}")
+        controls = __doc__.split("Controls")[1]
+        print(f"world {env.world_name}: actions and keys\n{env.keymap.help()}\nControls{controls}")
         shadowed = [a for a, combos in zip(env.keymap.actions, env.keymap.bindings)
                     if combos and all(c & UI_KEYS for c in combos)]
         if shadowed:

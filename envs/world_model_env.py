@@ -1,8 +1,9 @@
 """The world model as a Gymnasium environment: ``gymnasium.make("WorldModel-v0", checkpoint=...)``.
 
 Each ``step`` is one frame of the engine (DESIGN.md §3): the action id conditions the next frame,
-the checkpoint's reward heads score the transition. ``WorldModelVectorEnv`` (same module, see
-envs/world_model_vector_env.py) steps B worlds in one batched forward.
+the checkpoint's reward heads score the transition. ``WorldModelVectorEnv`` (defined in
+envs/world_model_vector_env.py, importable from here: the registered ``vector_entry_point``) steps
+B worlds in one batched forward.
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ class WorldModelEnv(gym.Env):
         self.action_space = gym.spaces.Discrete(len(self.runtime.action_names))
         self.observation_space = gym.spaces.Box(0, 255, self.runtime.frame_shape, dtype=np.uint8)
         self.elapsed = 0
-        self._window = None
+        self._window: FrameWindow | None = None
 
     # ---- what play.py and agents may want to know -------------------------------------------
     @property
@@ -157,7 +158,7 @@ class WorldModelEnv(gym.Env):
     def close(self) -> None:
         if self._window is not None:
             self._window.close()
-            self._window = None
+            self._window: FrameWindow | None = None
 
     def _info(self) -> dict[str, Any]:
         info: dict[str, Any] = {"step": self.elapsed, "steps": self.runtime.steps}

@@ -99,7 +99,7 @@ class WorldModelVectorEnv(gym.vector.VectorEnv):
         acts = self._check(actions)
         frames, rewards, terminated = self.runtime.step(acts)  # every world, one forward
         self.elapsed += 1
-        truncated = (self.elapsed >= self.horizon) if self.horizon is not None else np.zeros(self.num_envs, bool)
+        truncated = self.elapsed >= (self.horizon if self.horizon is not None else np.inf)
         restart = np.flatnonzero(self._autoreset)
         if restart.size:  # NEXT_STEP: worlds that ended last step start over now
             self._reset_rows(restart)
@@ -126,8 +126,8 @@ class WorldModelVectorEnv(gym.vector.VectorEnv):
                                      f"{acts.dtype} array of shape {acts.shape}")
         bad = np.flatnonzero((acts < 0) | (acts >= n))
         if bad.size:
-            raise InvalidWorldAction(f"invalid action {int(acts[bad[0]])} for world {int(bad[0])}: this world's "
-                                     f"actions are ids 0..{n - 1} ({', '.join(self.action_names)})")
+            raise InvalidWorldAction(f"invalid action {int(acts[bad[0]])} for world {int(bad[0])}: this "
+                                     f"world's actions are ids 0..{n - 1} ({', '.join(self.action_names)})")
         return acts.astype(np.int64)
 
     def _info(self) -> dict[str, Any]:

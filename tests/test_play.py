@@ -6,14 +6,13 @@ import sys
 from pathlib import Path
 
 import cv2
-import numpy as np
 import pygame
 import pytest
 import torch
 
 import play
 from envs.keymaps import BREAKOUT
-from envs.play.controllers import HumanController, load_actions, make_controller
+from envs.play.controllers import HeldKeys, KeyboardController, load_actions, make_controller
 from envs.play.window import FrameWindow
 from envs.world_model_env import WorldModelEnv
 from record.reader import Dataset
@@ -50,7 +49,9 @@ def ckpt(tmp_path_factory):
 def session(ckpt, tmp_path):
     env = WorldModelEnv(checkpoint=ckpt, steps=1, horizon=None)
     window = FrameWindow(env.observation_space.shape, title="test")
-    s = play.Session(env, window, HumanController(env.keymap), fps=0, seed=0, record_dir=tmp_path / "rec")
+    held = HeldKeys(ignore=play.UI_KEYS)
+    s = play.Session(env, window, KeyboardController(env.keymap, held), held, fps=0, seed=0,
+                     record_dir=tmp_path / "rec")
     yield s
     s.close()
     window.close()
@@ -108,7 +109,8 @@ def test_record_and_video_keys(session, tmp_path, monkeypatch):
     (episode,) = list(Dataset(tmp_path / "rec").episodes())
     assert len(episode) == 11 and episode.actions[0] == -1 and set(episode.actions[1:]) == {RIGHT}
     assert set(episode.controller) == {"human"} and episode.truncated[-1]
-    assert episode.meta["source"] == "world:tiny-breakout" and episode.meta["action_names"] == list(BREAKOUT.actions)
+    assert episode.meta["source"] == "world:tiny-breakout"
+    assert episode.meta["action_names"] == list(BREAKOUT.actions)
     (video,) = list(tmp_path.glob("dream-*.mp4"))
     assert cv2.VideoCapture(str(video)).get(cv2.CAP_PROP_FRAME_COUNT) == 10
 
@@ -145,7 +147,8 @@ def test_replay_policy_plays_the_list_then_stops(ckpt, tmp_path):
     assert load_actions(path, list(BREAKOUT.actions)) == [RIGHT, RIGHT, LEFT, FIRE, NOOP]
     env = WorldModelEnv(checkpoint=ckpt, steps=1, horizon=None)
     window = FrameWindow(env.observation_space.shape)
-    s = play.Session(env, window, make_controller(["replay", str(path)], env.keymap), fps=0)
+    held = HeldKeys()
+    s = play.Session(env, window, make_controller(["replay", str(path)], env.keymap, held), held, fps=0)
     s.run(frames=100)
     assert s.actions == [RIGHT, RIGHT, LEFT, FIRE, NOOP] and not s.running
     window.close()

@@ -1,4 +1,5 @@
-"""Who chooses the action each frame: a person (held keys through the keymap), random, or a replay.
+"""Who chooses the action each frame in play.py: a person (held keys through the keymap), or one
+of record/'s controllers (random with action repeat, replay of an action list).
 
 Held keys are tracked from KEYDOWN/KEYUP events, not ``pygame.key.get_pressed()``: events are what
 a window actually delivers (and what tests can post), and the held set is cleared when the window
@@ -9,14 +10,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 import pygame
 
 from envs.keymaps import Keymap
+from record.controllers import Controller, RandomController, ReplayController
 from record.reader import Dataset
 from record.writer import META_FILE
+
+RANDOM_REPEAT = (1, 8)  # frames each random action is held: short taps and long holds, as people do
 
 
 class HeldKeys:
@@ -37,55 +40,19 @@ class HeldKeys:
             self.names.clear()
 
 
-class Controller(Protocol):
-    name: str  # what the dataset's per-frame ``controller`` field says
+class KeyboardController(Controller):
+    """A person at play.py's window: the held keys, through the world's keymap, every frame.
 
-    def act(self, held: set[str]) -> int | None:
-        """The action id for this frame, or None when the controller has nothing more to do."""
+    Unlike record/human.py's controller it owns no window; play.py's loop feeds ``held``.
+    """
 
-
-class HumanController:
     name = "human"
 
-    def __init__(self, keymap: Keymap) -> None:
-        self.keymap = keymap
+    def __init__(self, keymap: Keymap, held: HeldKeys) -> None:
+        self.keymap, self.held = keymap, held
 
-    def act(self, held: set[str]) -> int:
-        return self.keymap.resolve(held)
-
-
-class RandomController:
-    """Uniform random actions, each held for 1..max_repeat frames (people hold keys too)."""
-
-    name = "random"
-
-    def __init__(self, num_actions: int, seed: int | None = None, max_repeat: int = 8) -> None:
-        self.rng = np.random.default_rng(seed)
-        self.num_actions, self.max_repeat = num_actions, max_repeat
-        self._action, self._left = 0, 0
-
-    def act(self, held: set[str]) -> int:
-        if self._left == 0:
-            self._action = int(self.rng.integers(self.num_actions))
-            self._left = int(self.rng.integers(1, self.max_repeat + 1))
-        self._left -= 1
-        return self._action
-
-
-class ReplayController:
-    """A fixed list of action ids, one per frame; finished when it runs out."""
-
-    name = "replay"
-
-    def __init__(self, actions: list[int]) -> None:
-        self.actions = actions
-        self.index = 0
-
-    def act(self, held: set[str]) -> int | None:
-        if self.index >= len(self.actions):
-            return None
-        self.index += 1
-        return self.actions[self.index - 1]
+    def act(self, frame: np.ndarray) -> int:
+        return self.keymap.resolve(self.held.names)
 
 
 def load_actions(path: str | Path, action_names: list[str]) -> list[int]:
@@ -100,7 +67,8 @@ def load_actions(path: str | Path, action_names: list[str]) -> list[int]:
             raise ValueError(f"replay: {path} holds no recorded episodes")
         names = dataset.meta(dirs[0]).get("action_names")
         if names is not None and list(names) != action_names:
-            raise ValueError(f"replay: {dirs[0]} was recorded with actions {names}, this world has {action_names}")
+            raise ValueError(f"replay: {dirs[0]} was recorded with actions {names}, "
+                             f"this world has {action_names}")
         pieces = dataset.read(dirs[0], frames=False)
         raw = [int(a) for piece in pieces for a in piece.actions if a >= 0]  # -1: nothing pressed yet
     elif not path.is_file():
@@ -127,13 +95,13 @@ def _action_id(value: int | str, action_names: list[str], path: Path) -> int:
                      f"(ids 0..{len(action_names) - 1} or names {action_names})")
 
 
-def make_controller(policy: list[str], keymap: Keymap, seed: int | None = None) -> Controller:
+def make_controller(policy: list[str], keymap: Keymap, held: HeldKeys, seed: int | None = None) -> Controller:
     """``["human"]``, ``["random"]`` or ``["replay", FILE]`` (play.py's ``--policy``)."""
     kind, *rest = policy
     if kind == "human" and not rest:
-        return HumanController(keymap)
+        return KeyboardController(keymap, held)
     if kind == "random" and not rest:
-        return RandomController(len(keymap), seed)
+        return RandomController(len(keymap), repeat=RANDOM_REPEAT, seed=seed)
     if kind == "replay" and len(rest) == 1:
         return ReplayController(load_actions(rest[0], list(keymap.actions)))
     raise ValueError(f"--policy {' '.join(policy)}: expected 'human', 'random' or 'replay FILE'")

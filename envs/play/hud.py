@@ -22,11 +22,16 @@ class FrameStats:
         self._ticks: deque[float] = deque(maxlen=WINDOW + 1)
         self._recent: deque[float] = deque(maxlen=WINDOW)
         self.latencies: list[float] = []  # ms, every displayed frame
-        self.started = time.perf_counter()
+        self.started: float | None = None  # when the first frame's keys were read (start-up excluded)
+        self.last = 0.0  # when the last frame was flipped
 
     def frame(self, latency_ms: float) -> None:
         """Count one displayed frame that took ``latency_ms`` from key read to flip."""
-        self._ticks.append(time.perf_counter())
+        now = time.perf_counter()
+        if self.started is None:
+            self.started = now - latency_ms / 1e3
+        self.last = now
+        self._ticks.append(now)
         self._recent.append(latency_ms)
         self.latencies.append(latency_ms)
 
@@ -42,9 +47,10 @@ class FrameStats:
         return float(np.mean(self._recent)) if self._recent else 0.0
 
     def summary(self) -> dict[str, float]:
-        """Whole-run numbers: frames, seconds, mean FPS, latency mean / median / 95th percentile."""
+        """Whole-run numbers (first key read to last flip): frames, seconds, mean FPS, latency mean /
+        median / 95th percentile."""
         n = len(self.latencies)
-        wall = time.perf_counter() - self.started
+        wall = self.last - self.started if self.started is not None else 0.0
         lat = np.asarray(self.latencies) if n else np.zeros(1)
         return {"frames": n, "seconds": wall, "fps": n / wall if wall > 0 else 0.0,
                 "latency_ms": float(lat.mean()), "latency_p50_ms": float(np.percentile(lat, 50)),
