@@ -36,9 +36,9 @@ def window_scale(frame_shape: tuple[int, ...]) -> int:
 
 def open_window(width: int, height: int, title: str) -> pygame.Surface:
     """Open the pygame window, or raise NoDisplayError with what to do about it."""
-    pygame.display.init()
-    pygame.font.init()
     try:
+        pygame.display.init()
+        pygame.font.init()
         screen = pygame.display.set_mode((width, height))
     except pygame.error as err:
         raise NoDisplayError(
