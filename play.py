@@ -59,9 +59,11 @@ class Session:
         self.video_path = video_path
         self.real: RealGame | None = None
         self.notice, self.notice_until = "", 0.0
+        # gym_id + make_kwargs + seed remake the dream: replaying actions[1:] repeats it exactly
         meta = {"game": env.game or env.world_name, "source": f"world:{env.world_name}",
-                "world": env.world_name, "seed": seed, "fps": env.metadata["render_fps"],
-                "action_names": self.names, "keymap": env.keymap.to_dict(), "controller": controller.name}
+                "world": env.world_name, "gym_id": "WorldModel-v0", "fps": env.metadata["render_fps"],
+                "action_names": self.names, "keymap": env.keymap.to_dict(), "controller": controller.name,
+                "controller_config": controller.config(), "model_size": list(env.observation_space.shape[:2])}
         self.recorder = SessionRecorder(record_dir, meta, env.observation_space.shape)
         self.reset(seed)
 
@@ -142,21 +144,28 @@ class Session:
         elif key == "v":
             self.toggle_video()
         elif key == "c":
-            on = self.recorder.toggle(self.frame, self.controller.name)
+            on = self.recorder.toggle(self.frame, self.controller.name, self.episode_meta())
             self.say(f"recording to {self.recorder.root}" if on else f"recorded {self.recorder.episodes[-1]}")
         elif key == "tab":
             self.toggle_real()
 
     def reset(self, seed: int | None = None) -> None:
-        """New context (the real game's first frame when it is shown, so both start together)."""
-        options = None
-        if self.real is not None:
-            real_seed = int(self.env.np_random.integers(2**31)) if seed is None else seed
-            options = {"context": self.real.reset(real_seed)[None]}
-        self.frame, _ = self.env.reset(seed=seed, options=options)
+        """New context (the real game's first frame when it is shown, so both start together).
+
+        Every episode gets an explicit seed (drawn from the env's generator unless given), so a
+        recorded episode names the seed that remakes it.
+        """
+        self.seed = int(self.env.np_random.integers(2**31)) if seed is None else seed
+        options = {"context": self.real.reset(self.seed)[None]} if self.real is not None else None
+        self.frame, _ = self.env.reset(seed=self.seed, options=options)
         self.frame_index, self.total_reward = 0, 0.0
-        self.recorder.begin(self.frame, self.controller.name)
+        self.recorder.begin(self.frame, self.controller.name, self.episode_meta())
         self.show()  # the context's last frame, on screen before the first key is read
+
+    def episode_meta(self) -> dict:
+        """What a recorded episode needs to be remade: seed, env kwargs, and where it started."""
+        return {"seed": self.seed, "episode_frame": self.frame_index, "make_kwargs": self.env.make_kwargs,
+                "real_game_context": self.real is not None}
 
     def toggle_video(self) -> None:
         if self.video is not None:

@@ -43,6 +43,7 @@ class ContextSource:
         self.action_names = list(action_names)
         self._episodes: OrderedDict[Path, list[Episode]] = OrderedDict()
         spec = "real" if spec is None else spec
+        self.spec = str(spec)  # as given, so a recording can name it
         self._segments: list[Clip] = []
         self._dataset: Dataset | None = None
         self._image: np.ndarray | None = None

@@ -94,6 +94,12 @@ class WorldModelEnv(gym.Env):
         return self.runtime.action_names
 
     @property
+    def make_kwargs(self) -> dict[str, Any]:
+        """``gym.make("WorldModel-v0", **make_kwargs)`` makes this world again (for recordings)."""
+        return {"checkpoint": str(self.runtime.path), "context": self.runtime.context.spec,
+                "steps": self.steps, "horizon": self.horizon}
+
+    @property
     def world_name(self) -> str:
         return self.runtime.name
 

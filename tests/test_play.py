@@ -6,10 +6,13 @@ import sys
 from pathlib import Path
 
 import cv2
+import gymnasium as gym
+import numpy as np
 import pygame
 import pytest
 import torch
 
+import envs  # noqa: F401  (registers WorldModel-v0)
 import play
 from envs.keymaps import BREAKOUT
 from envs.play.controllers import HeldKeys, KeyboardController, load_actions, make_controller
@@ -113,6 +116,12 @@ def test_record_and_video_keys(session, tmp_path, monkeypatch):
     assert episode.meta["action_names"] == list(BREAKOUT.actions)
     (video,) = list(tmp_path.glob("dream-*.mp4"))
     assert cv2.VideoCapture(str(video)).get(cv2.CAP_PROP_FRAME_COUNT) == 10
+    # the metadata remakes the dream: same env kwargs, same seed, same actions -> same frames
+    meta = episode.meta
+    assert meta["gym_id"] == "WorldModel-v0" and meta["episode_frame"] == 0
+    env = gym.make(meta["gym_id"], **meta["make_kwargs"])
+    frames = [env.reset(seed=meta["seed"])[0]] + [env.step(int(a))[0] for a in episode.actions[1:]]
+    np.testing.assert_array_equal(np.stack(frames), episode.frames)
 
 
 def test_tab_shows_the_real_game_side_by_side(session):

@@ -30,21 +30,22 @@ class SessionRecorder:
         self.writer: EpisodeWriter | None = None
         self.episodes: list[str] = []  # directories of finished episodes
 
-    def toggle(self, frame: np.ndarray, controller: str) -> bool:
+    def toggle(self, frame: np.ndarray, controller: str, meta: dict[str, Any] | None = None) -> bool:
         """Start recording at ``frame`` (what is on screen now), or stop; returns the new state."""
         if self.on:
             self.stop()
         else:
             self.on = True
-            self.begin(frame, controller)
+            self.begin(frame, controller, meta)
         return self.on
 
-    def begin(self, frame: np.ndarray, controller: str) -> None:
-        """A new episode starts at ``frame`` (after a reset); no-op while not recording."""
+    def begin(self, frame: np.ndarray, controller: str, meta: dict[str, Any] | None = None) -> None:
+        """A new episode starts at ``frame``, with ``meta`` added to the session's metadata (its
+        seed, ...); no-op while not recording."""
         if not self.on:
             return
         self._close(END_INTERRUPTED)  # the player restarted: the open episode was cut short
-        self.writer = EpisodeWriter(self.root, dict(self.meta), self.frame_shape)
+        self.writer = EpisodeWriter(self.root, {**self.meta, **(meta or {})}, self.frame_shape)
         self.writer.add(frame, NULL_ACTION, controller=controller)
 
     def add(self, frame: np.ndarray, action: int, reward: float, terminated: bool, controller: str) -> None:
