@@ -142,7 +142,10 @@ class Session:
         elif key == ".":
             self._single = self.paused
         elif key == "v":
-            self.toggle_video()
+            try:
+                self.toggle_video()
+            except OSError as err:  # an unwritable folder must not end the session
+                self.say(str(err))
         elif key == "c":
             on = self.recorder.toggle(self.frame, self.controller.name, self.episode_meta())
             self.say(f"recording to {self.recorder.root}" if on else f"recorded {self.recorder.episodes[-1]}")
@@ -281,13 +284,17 @@ def main(argv: list[str] | None = None) -> int:
         session.run(args.frames if args.frames is not None else (HEADLESS_FRAMES if args.headless else None))
     except KeyboardInterrupt:
         code = 130
+    except OSError as err:  # --out cannot be written
+        print(f"play.py: {err}", file=sys.stderr)
+        code = 2
     finally:
         session.close()
         window.close()
     s = session.stats.summary()
-    print(f"{s['frames']} frames in {s['seconds']:.1f} s: {s['fps']:.1f} FPS, key-to-frame latency "
-          f"mean {s['latency_ms']:.1f} ms (p50 {s['latency_p50_ms']:.1f}, p95 {s['latency_p95_ms']:.1f}), "
-          f"{env.steps} denoising step(s), world {env.world_name}")
+    if s["frames"]:
+        print(f"{s['frames']} frames in {s['seconds']:.1f} s: {s['fps']:.1f} FPS, key-to-frame latency "
+              f"mean {s['latency_ms']:.1f} ms (p50 {s['latency_p50_ms']:.1f}, p95 {s['latency_p95_ms']:.1f}), "
+              f"{env.steps} denoising step(s), world {env.world_name}")
     return code
 
 
