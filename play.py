@@ -293,8 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     s = session.stats.summary()
     if s["frames"]:
         print(f"{s['frames']} frames in {s['seconds']:.1f} s: {s['fps']:.1f} FPS, key-to-frame latency "
-              f"mean {s['latency_ms']:.1f} ms (p50 {s['latency_p50_ms']:.1f}, p95 {s['latency_p95_ms']:.1f}), "
-              f"{env.steps} denoising step(s), world {env.world_name}")
+              f"mean {s['latency_ms']:.1f} ms (p50 {s['latency_p50_ms']:.1f}, "
+              f"p95 {s['latency_p95_ms']:.1f}), {env.steps} denoising step(s), world {env.world_name}")
     return code
 
 
