@@ -1,0 +1,209 @@
+"""Evaluation: metrics against known values, baselines and Δ-PSNR on hand-made sequences, the
+held-out split, and the CLI on a tiny random world and a tiny recorded dataset."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from record.writer import EpisodeWriter
+from tests.conftest import make_tiny_world
+from train.eval import metrics as M
+from train.eval.reference import Reference
+from train.eval.score import fidelity, shuffle_in_time
+from train.eval.split import Clips, anchors, held_out_count, split_ids
+from train.evaluate import main as evaluate_main
+from worldmodel.checkpoint import save_world
+
+
+def test_psnr_known_values() -> None:
+    a = np.full((2, 8, 8, 3), 100, np.uint8)
+    assert np.all(np.isinf(M.psnr(a, a)))
+    b = a.copy()
+    b[0] += 10                                 # every pixel off by 10: MSE 100
+    b[1, :4] += 20                             # half the pixels off by 20: MSE 200
+    np.testing.assert_allclose(M.mse(a, b), [100.0, 200.0])
+    np.testing.assert_allclose(M.psnr(a, b), [10 * math.log10(255**2 / 100), 10 * math.log10(255**2 / 200)])
+    assert M.mean_db([np.inf, 40.0]) == (M.PSNR_CAP + 40) / 2  # identical frames are capped in averages
+    # masked: only the changed half of frame 1 counts
+    mask = np.zeros((8, 8), bool)
+    mask[:4] = True
+    assert math.isclose(M.masked_psnr(a[1], b[1], mask), 10 * math.log10(255**2 / 400))
+    assert math.isnan(M.masked_psnr(a[1], b[1], np.zeros((8, 8), bool)))
+
+
+def test_ssim_identity_symmetry_and_noise() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    np.testing.assert_allclose(M.ssim(x, x), 1.0)
+    noisy = np.clip(x.astype(int) + rng.normal(0, 30, x.shape), 0, 255).astype(np.uint8)
+    s = M.ssim(x, noisy)
+    np.testing.assert_allclose(s, M.ssim(noisy, x))
+    assert np.all(s < 0.95)
+    flat = np.full_like(x, 128)
+    assert np.all(M.ssim(x, flat) < s)  # a flat guess loses all structure
+    # two flat images: only the luminance term is left, (2ab + C1) / (a^2 + b^2 + C1)
+    a, b = np.full((16, 16, 3), 100, np.uint8), np.full((16, 16, 3), 150, np.uint8)
+    assert math.isclose(M.ssim(a, b), (2 * 100 * 150 + M.SSIM_C1) / (100**2 + 150**2 + M.SSIM_C1), rel_tol=1e-9)
+
+
+def sprite_sequence(positions: list[int]) -> np.ndarray:
+    """A white 2x2 sprite on black at the given x positions: (T, 8, 16, 3)."""
+    f = np.zeros((len(positions), 8, 16, 3), np.uint8)
+    for t, x in enumerate(positions):
+        f[t, 3:5, x:x + 2] = 255
+    return f
+
+
+def reference(mean_frame: np.ndarray) -> Reference:
+    return Reference(mean_frame=mean_frame, mean_range=(0, 255), std_range=(0, 255), duplicate_fraction=0.0,
+                     probe=None, action_names=[], frames=0, pairs=0, key="", path=Path("."))
+
+
+def simulate(start: int, actions: np.ndarray) -> list[int]:
+    """The toy game: action 1 moves the sprite right, 2 left, 0 stays."""
+    xs, x = [], start
+    for a in actions:
+        x = min(max(x + {0: 0, 1: 1, 2: -1}[int(a)], 0), 14)
+        xs.append(x)
+    return xs
+
+
+def toy_clips() -> Clips:
+    acts = np.array([[0, 0, 1, 1, 1, 2, 0, 1], [0, 0, 2, 2, 0, 1, 1, 1]])
+    frames = np.stack([sprite_sequence([5, 5] + simulate(5, a[2:])) for a in acts])
+    return Clips(frames, acts, ["e0", "e1"], [1, 1], context=2, horizon=6)
+
+
+def test_repeat_last_baseline_on_a_hand_made_sequence() -> None:
+    clips = toy_clips()
+    gen = clips.future_frames.copy()
+    fid, _ = fidelity(clips, gen, gen, reference(np.zeros((8, 16, 3), np.uint8)), [1, 4])
+    # clip 0: at h=1 the sprite moved by one pixel: 2 old + 2 new pixels differ from the last context frame
+    real, last = clips.future_frames[:, 0], clips.last_context
+    expected = M.mean_db(M.psnr(np.repeat(last[:, None], 1, 1)[:, 0], real))
+    assert math.isclose(fid["1"]["repeat_last"]["psnr"], expected)
+    mse0 = 4 * 255**2 * 3 / (8 * 16 * 3)
+    assert math.isclose(M.psnr(last[0], real[0]), 10 * math.log10(255**2 / mse0))
+    assert fid["1"]["repeat_last"]["psnr_dynamic"] == 0.0       # wrong on every changed pixel
+    assert fid["1"]["psnr"] == M.PSNR_CAP                       # a perfect model, capped
+    # the mean-frame baseline (black) misses exactly the 4 sprite pixels
+    assert math.isclose(fid["4"]["mean_frame"]["psnr"], 10 * math.log10(255**2 / mse0))
+
+
+def test_delta_psnr_is_positive_for_an_oracle_and_zero_for_an_action_blind_model() -> None:
+    clips = toy_clips()
+    fut = clips.future_actions
+    shuffled = shuffle_in_time(fut, seed=3)
+    assert not np.array_equal(shuffled, fut) and np.array_equal(np.sort(shuffled), np.sort(fut))
+    oracle = lambda acts: np.stack([sprite_sequence(simulate(5, a)) for a in acts])  # noqa: E731
+    ref = reference(np.zeros((8, 16, 3), np.uint8))
+    _, delta = fidelity(clips, oracle(fut), oracle(shuffled), ref, [1, 3, 6])
+    assert delta["1"] > 10 and delta["3"] > 10, delta
+    assert delta["6"] == 0  # a permutation of moves ends where the recording does: Δ-PSNR can be 0
+    blind = np.repeat(clips.last_context[:, None], 6, axis=1)  # ignores actions: same frames either way
+    _, delta = fidelity(clips, blind, blind, ref, [2, 6])
+    assert all(d == 0 for d in delta.values())
+
+
+def test_held_out_split_and_anchors() -> None:
+    assert [held_out_count(n) for n in (1, 2, 9, 10, 11, 25)] == [1, 1, 1, 1, 2, 3]
+    train, held = split_ids([f"ep-{i:02d}" for i in (3, 1, 0, 2, 10, 4, 5, 6, 7, 8, 9)])
+    assert held == ["ep-09", "ep-10"] and train[0] == "ep-00" and len(train) == 9
+    assert anchors(30, 4, 10, 3) == [3, 11, 19]
+    assert anchors(13, 4, 10, 3) == []
+
+
+def write_dataset(root: Path, episodes: int = 5, length: int = 40, size: int = 32) -> None:
+    """A moving block the actions steer; rewards and an end on the last frame."""
+    for e in range(episodes):
+        rng = np.random.default_rng(e)
+        with EpisodeWriter(root, {"game": "toy", "action_names": ["noop", "left", "right", "fire"]},
+                           (size, size, 3)) as w:
+            x = 10
+            for t in range(length):
+                a = -1 if t == 0 else int(rng.integers(0, 4))
+                x = min(max(x + (a == 2) - (a == 1), 0), size - 4)
+                frame = np.zeros((size, size, 3), np.uint8)
+                frame[size - 6:size - 3, x:x + 4] = (200, 80, 80)
+                frame[2:4, :] = (60, 160, 60)
+                w.add(frame, a, reward=float(a == 3), terminated=t == length - 1)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("eval")
+    write_dataset(root / "data")
+    world = make_tiny_world(num_actions=4)
+    save_world(root / "world.safetensors", world)
+    teacher = make_tiny_world(num_actions=4, seed=1)
+    teacher.info["stage"] = "teacher"
+    teacher.engine = {"sampler": "euler", "steps": 2, "first_frame_steps": 2, "dtype": "float32", "seed": 0}
+    save_world(root / "teacher.safetensors", teacher)
+    return root
+
+
+FAST = ["horizons=1,4", "rollout=12", "probe_steps=10", "starts=2", "videos=1"]
+
+
+def test_evaluate_cli_writes_metrics_plots_and_videos(tiny: Path, capsys) -> None:
+    out = tiny / "out"
+    assert evaluate_main([f"checkpoint={tiny / 'world.safetensors'}", f"data={tiny / 'data'}", f"out={out}",
+                          *FAST]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    for key in ("fidelity", "controllability", "drift", "speed", "rewards", "split"):
+        assert key in m
+    f1 = m["fidelity"]["1"]
+    for key in ("psnr", "ssim", "psnr_dynamic", "repeat_last", "mean_frame", "tokenizer", "psnr_shuffled"):
+        assert key in f1
+    assert set(m["controllability"]["delta_psnr"]) == {"1", "4"}
+    probe = m["controllability"]["probe"]
+    assert 0 <= probe["real_accuracy"] <= 1 and 0 <= probe["generated_accuracy"] <= 1
+    assert set(m["drift"]["flags"]) == {"out_of_range", "frozen", "flat"} and m["drift"]["frames"] == 12
+    assert m["speed"]["first_frame_ms"] > 0 and m["speed"]["frame_ms"] > 0
+    assert m["rewards"]["transitions"] > 0 and m["split"]["held_out"] and m["protocol"] == "engine"
+    assert m["context_frames"] == 7 and m["samples"] == 2
+    for name in ("psnr_vs_horizon.png", "psnr_dynamic_vs_horizon.png", "table.md", "table.json",
+                 "samples/sample_0.mp4", "samples/drift.mp4"):
+        assert (out / name).stat().st_size > 0, name
+    # the probe is cached next to the dataset, keyed by its content
+    assert len(list((tiny / "data" / ".eval_cache").glob("reference-*.safetensors"))) == 1
+
+
+def test_evaluate_several_checkpoints_one_table(tiny: Path) -> None:
+    out = tiny / "several"
+    assert evaluate_main([f"checkpoints=[{tiny / 'world.safetensors'},{tiny / 'teacher.safetensors'}]",
+                          "names=[student,teacher]", f"data={tiny / 'data'}", f"out={out}", *FAST]) == 0
+    rows = json.loads((out / "table.json").read_text())["rows"]
+    assert [r["name"] for r in rows] == ["student", "teacher"]
+    assert json.loads((out / "teacher" / "metrics.json").read_text())["protocol"] == "joint"
+    table = (out / "table.md").read_text()
+    assert "| student |" in table and "| teacher |" in table and "PSNR@4 (repeat / mean)" in table
+
+
+@pytest.mark.parametrize("args, message", [
+    (["checkpoint=no/such/world.safetensors", "data={data}"], "does not exist"),
+    (["checkpoint={world}", "data=no/such/dir"], "dataset directory no/such/dir does not exist"),
+    (["checkpoint={world}", "data={data}", "horizons=64"], "no held-out episode is long enough"),
+    (["checkpoint={world}", "data={data}", "steps=3"], "few_step sampler runs"),
+    (["checkpoint={world}", "data={data}", "bogus=1"], "unknown option"),
+    (["data={data}"], "no checkpoint given"),
+])
+def test_bad_input_one_line_no_traceback(tiny: Path, args: list[str], message: str, capsys) -> None:
+    argv = [a.format(data=tiny / "data", world=tiny / "world.safetensors") for a in args]
+    assert evaluate_main([*argv, f"out={tiny / 'bad'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err
+
+
+def test_cli_entry_point_exit_code(tiny: Path) -> None:
+    r = subprocess.run([sys.executable, "-m", "train.evaluate", f"checkpoint={tiny / 'nope.safetensors'}",
+                        f"data={tiny / 'data'}"], capture_output=True, text=True, timeout=120,
+                       cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "does not exist" in r.stderr

@@ -1,0 +1,203 @@
+"""Scoring one world checkpoint on the held-out clips: fidelity vs horizon with its trivial
+baselines, controllability, drift, speed, and the reward heads when the world has them.
+
+Fidelity at horizon h compares generated frame h (after the real context) with real frame
+``anchor + h``, on uint8 frames at model resolution. Beside the model, on the same frames:
+``repeat_last`` (the last context frame again), ``mean_frame`` (the training data's mean frame)
+and ``tokenizer`` (the real frame through encode/decode: the ceiling any latent model has).
+``psnr_dynamic`` restricts PSNR to pixels where the real frame differs from the last context
+frame. Δ-PSNR = PSNR(recorded actions) - PSNR(the same future actions shuffled in time), with
+the same context and noise seed.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from record.reader import Episode
+from train.eval import metrics as M
+from train.eval.probe import accuracy, sequence_pairs
+from train.eval.reference import Reference, is_duplicate
+from train.eval.rollout import EngineRollout, JointRollout
+from train.eval.split import Clips
+from worldmodel.checkpoint import World
+
+DRIFT_RANGE_MARGIN = 0.1      # real [p0.5, p99.5] range widened by this fraction on each side
+DRIFT_OUT_OF_RANGE = 0.1      # flag when more than this fraction of frames leave the range
+FLAT_STD = 1.0                # levels: a frame whose pixels vary less than this is flat
+
+
+@dataclass
+class Scored:
+    metrics: dict
+    generated: np.ndarray      # (N, H_max, H, W, 3) frames under the recorded actions
+    drift_frames: np.ndarray   # (T, H, W, 3)
+    drift_actions: np.ndarray  # (T,)
+
+
+def _batched(ro, clips: Clips, actions: np.ndarray, batch: int, seed: int) -> np.ndarray:
+    c = ro.context
+    out = []
+    for i in range(0, len(clips), batch):
+        s = slice(i, i + batch)
+        out.append(ro.run(clips.context_frames(c)[s], clips.context_actions(c)[s], actions[s], seed=seed + i))
+    return np.concatenate(out)
+
+
+def shuffle_in_time(actions: np.ndarray, seed: int) -> np.ndarray:
+    """Each row's actions in a random order (same multiset: only the timing is lost)."""
+    rng = np.random.default_rng(seed)
+    return np.stack([row[rng.permutation(len(row))] for row in actions])
+
+
+def _scores(pred: np.ndarray, real: np.ndarray, mask: np.ndarray) -> dict:
+    return {"psnr": M.mean_db(M.psnr(pred, real)), "ssim": M.nanmean(M.ssim(pred, real)),
+            "psnr_dynamic": M.mean_db(M.masked_psnr(pred, real, mask))}
+
+
+def fidelity(clips: Clips, generated: np.ndarray, shuffled: np.ndarray, ref: Reference,
+             horizons: list[int], recon: Callable[[np.ndarray], np.ndarray] | None = None) -> tuple[dict, dict]:
+    """Per-horizon scores of the model and baselines, and the Δ-PSNR per horizon."""
+    out, delta = {}, {}
+    last = clips.last_context
+    for h in horizons:
+        real = clips.future_frames[:, h - 1]
+        mask = M.dynamic_mask(real, last)
+        row = _scores(generated[:, h - 1], real, mask)
+        row["repeat_last"] = _scores(last, real, mask)
+        row["mean_frame"] = _scores(np.broadcast_to(ref.mean_frame, real.shape), real, mask)
+        if recon is not None:
+            row["tokenizer"] = _scores(recon(real), real, mask)
+        row["dynamic_fraction"] = float(mask.mean())
+        shuf = M.mean_db(M.psnr(shuffled[:, h - 1], real))
+        row["psnr_shuffled"] = shuf
+        delta[str(h)] = row["psnr"] - shuf
+        out[str(h)] = row
+    return out, delta
+
+
+def random_actions(n: int, num_actions: int, seed: int, hold: tuple[int, int] = (1, 5)) -> np.ndarray:
+    """Uniform random actions, each held for 1-5 frames (as a random recording controller does)."""
+    rng = np.random.default_rng(seed)
+    acts = np.repeat(rng.integers(0, num_actions, n), rng.integers(hold[0], hold[1] + 1, n))[:n]
+    return acts.astype(np.int64)
+
+
+def drift(frames: np.ndarray, ref: Reference) -> dict:
+    """Frame statistics of a long rollout against the real data's range (see the flags)."""
+    m, s = M.frame_stats(frames)
+    (mlo, mhi), (slo, shi) = ref.mean_range, ref.std_range
+    dm, ds = DRIFT_RANGE_MARGIN * (mhi - mlo) + 1.0, DRIFT_RANGE_MARGIN * (shi - slo) + 1.0
+    outside = (m < mlo - dm) | (m > mhi + dm) | (s < slo - ds) | (s > shi + ds)
+    dup = is_duplicate(frames[1:], frames[:-1]) if len(frames) > 1 else np.zeros(0, bool)
+    tail = dup[len(dup) // 2:]
+    tail_dup = float(tail.mean()) if tail.size else 0.0
+    last = max(1, len(frames) // 10)
+    final_std = float(np.median(s[-last:]))
+    real_dup = ref.duplicate_fraction
+    return {
+        "frames": int(len(frames)),
+        "mean": {"first": float(m[:last].mean()), "last": float(m[-last:].mean()), "min": float(m.min()),
+                 "max": float(m.max()), "real_range": [mlo, mhi]},
+        "std": {"first": float(s[:last].mean()), "last": float(s[-last:].mean()), "min": float(s.min()),
+                "max": float(s.max()), "real_range": [slo, shi]},
+        "out_of_range_fraction": float(outside.mean()),
+        "duplicate_fraction": float(dup.mean()) if dup.size else 0.0,
+        "duplicate_fraction_second_half": tail_dup,
+        "real_duplicate_fraction": real_dup,
+        "flags": {
+            "out_of_range": bool(outside.mean() > DRIFT_OUT_OF_RANGE),
+            "frozen": bool(tail_dup > max(2 * real_dup, real_dup + 0.2)),
+            "flat": bool(final_std < max(FLAT_STD, 0.5 * slo)),
+        },
+    }
+
+
+def speed(ro, frame_seconds: list[float]) -> dict:
+    """First-frame latency and steady-state per-frame time. The drift rollout starts with a full
+    cache (real context), so every frame is steady state; the first tenth is dropped as warm-up."""
+    ms = [1e3 * t for t in frame_seconds]
+    steady = ms[len(ms) // 10:] if len(ms) >= 10 else ms
+    block = getattr(ro, "block", 1)
+    if isinstance(ro, JointRollout) or block > 1:
+        # chunk-wise and joint windows pay a block's cost on one frame: average whole blocks
+        frame_ms = statistics.fmean(steady) if steady else float("nan")
+    else:
+        frame_ms = statistics.median(steady) if steady else float("nan")
+    first = ro.first_frame_ms()
+    return {"first_frame_ms": first, "frame_ms": frame_ms, "fps": 1e3 / frame_ms if frame_ms > 0 else None}
+
+
+def reward_scores(world: World, pieces: list[Episode], device: torch.device) -> dict | None:
+    """The world's reward heads on every transition of the held-out episodes."""
+    if world.reward is None:
+        return None
+    from train.objectives.rewards import classification_metrics, sign_classes
+
+    tok, heads = world.tokenizer.to(device).float(), world.reward.to(device).float()
+    logits, ends, labels, done = [], [], [], []
+    for ep in pieces:
+        if len(ep) < 2:
+            continue
+        with torch.no_grad():
+            lat = torch.cat([tok.encode(torch.from_numpy(ep.frames[i:i + 256]).to(device))
+                             for i in range(0, len(ep), 256)]).float()
+            r, e = heads(lat[:-1], lat[1:], torch.from_numpy(ep.actions[1:]).to(device))
+        logits.append(r.cpu()), ends.append(e.cpu())
+        labels.append(sign_classes(torch.from_numpy(ep.rewards[1:]))), done.append(torch.from_numpy(ep.terminated[1:]))
+    if not logits:
+        return None
+    return classification_metrics(torch.cat(logits), torch.cat(ends), torch.cat(labels), torch.cat(done))
+
+
+def score(world: World, ro: EngineRollout | JointRollout, clips: Clips, ref: Reference, horizons: list[int],
+          rollout: int, seed: int, batch: int, pieces: list[Episode], device: torch.device) -> Scored:
+    """Every metric of one checkpoint; see the module docstring."""
+    fut = clips.future_actions
+    generated = _batched(ro, clips, fut, batch, seed)
+    shuffled = _batched(ro, clips, shuffle_in_time(fut, seed), batch, seed)
+
+    tok = world.tokenizer
+
+    def recon(frames: np.ndarray) -> np.ndarray:
+        dev = next(tok.parameters()).device
+        with torch.no_grad():
+            return tok.decode(tok.encode(torch.from_numpy(np.ascontiguousarray(frames)).to(dev))).cpu().numpy()
+
+    fid, delta = fidelity(clips, generated, shuffled, ref, horizons, recon)
+
+    names = world.action_names
+    probe: dict = {"num_actions": ref.probe.cfg.num_actions}
+    if fut.max() < ref.probe.cfg.num_actions:
+        p, c, a = sequence_pairs(clips.last_context, clips.future_frames, fut)
+        real_acc = accuracy(ref.probe, p, c, a)
+        p, c, a = sequence_pairs(clips.last_context, generated, fut)
+        gen_acc = accuracy(ref.probe, p, c, a)
+        counts = np.bincount(a[a >= 0], minlength=ref.probe.cfg.num_actions)
+        probe.update(real_accuracy=real_acc, generated_accuracy=gen_acc,
+                     ratio=gen_acc / real_acc if real_acc > 0 else None,
+                     chance=float(counts.max() / max(counts.sum(), 1)))
+
+    frame_seconds: list[float] = []
+    acts = random_actions(rollout, len(names), seed)
+    c = ro.context
+    drift_frames = ro.run(clips.context_frames(c)[:1], clips.context_actions(c)[:1], acts[None], seed=seed,
+                          on_frame=lambda t, sec: frame_seconds.append(sec))[0]
+
+    metrics = {
+        "protocol": ro.protocol,
+        "context_frames": c,
+        "samples": len(clips),
+        "horizons": list(horizons),
+        "fidelity": fid,
+        "controllability": {"delta_psnr": delta, "probe": probe},
+        "drift": drift(drift_frames, ref),
+        "speed": speed(ro, frame_seconds),
+        "rewards": reward_scores(world, pieces, device),
+    }
+    return Scored(metrics, generated, drift_frames, acts)
