@@ -8,7 +8,7 @@ Controls (besides the world's own keys, printed at start):
     H  HUD on/off          R  reset (new context)     1 / 2 / 4  denoising steps
     P  pause               .  one frame while paused  V  start/stop mp4 of the dream
     C  start/stop recording a dataset episode          Tab  real game side by side
-    Esc  quit
+    M  take over from / hand back to the --policy agent                Esc  quit
 Headless (no window, same loop): ``python play.py --headless --frames 300 --policy random --out dream.mp4``
 """
 
@@ -25,7 +25,7 @@ os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")  # before pygame is imp
 import pygame  # noqa: E402
 import torch  # noqa: E402
 
-from envs.play.controllers import HeldKeys, make_controller  # noqa: E402
+from envs.play.controllers import HeldKeys, KeyboardController, make_controller  # noqa: E402
 from envs.play.hud import FrameStats, Hud  # noqa: E402
 from envs.play.real_game import RealGame  # noqa: E402
 from envs.play.recording import SessionRecorder  # noqa: E402
@@ -35,7 +35,7 @@ from envs.world_model_env import WorldModelEnv  # noqa: E402
 from record.controllers import Controller  # noqa: E402
 
 # play.py's own keys (pygame key names); they never reach the world's keymap
-UI_KEYS = frozenset({"escape", "h", "r", "1", "2", "4", "p", ".", "v", "c", "tab"})
+UI_KEYS = frozenset({"escape", "h", "r", "1", "2", "4", "p", ".", "v", "c", "tab", "m"})
 NOTICE_SECONDS = 2.5  # how long a one-line message stays on the HUD
 HEADLESS_FRAMES = 300
 
@@ -44,13 +44,16 @@ class Session:
     """The interactive loop over one world-model env; ``iterate()`` is one frame.
 
     ``actions`` keeps the action id of every generated frame, so a caller (or a test posting key
-    events) can check what the loop did.
+    events) can check what the loop did. ``controller`` chooses them; given ``switch_to`` as well,
+    M swaps the two mid-episode (a person takes over from an agent and hands back; recordings
+    store each frame's controller).
     """
 
     def __init__(self, env: WorldModelEnv, window: FrameWindow, controller: Controller, held: HeldKeys,
                  fps: float, seed: int | None = None, record_dir: str | Path = "recordings",
-                 video_path: str | Path | None = None) -> None:
+                 video_path: str | Path | None = None, switch_to: Controller | None = None) -> None:
         self.env, self.window, self.controller, self.held, self.fps = env, window, controller, held, fps
+        self.other = switch_to  # the controller M swaps in
         self.names = env.action_names
         self.hud, self.stats = Hud(), FrameStats()
         self.actions: list[int] = []
@@ -120,7 +123,8 @@ class Session:
         action = self.names[self.actions[-1]] if self.actions else "-"
         lines = [f"{self.env.world_name}  frame {self.frame_index}  {' '.join(flags)}",
                  f"{self.stats.fps:5.1f} FPS  latency {self.stats.latency_ms:5.1f} ms",
-                 f"action {action}  steps {self.env.steps}  reward {self.total_reward:+g}"]
+                 f"action {action} ({self.controller.name})  steps {self.env.steps}  "
+                 f"reward {self.total_reward:+g}"]
         if self.notice and time.monotonic() < self.notice_until:
             lines.append(self.notice)
         return lines
@@ -151,6 +155,9 @@ class Session:
             self.say(f"recording to {self.recorder.root}" if on else f"recorded {self.recorder.episodes[-1]}")
         elif key == "tab":
             self.toggle_real()
+        elif key == "m" and self.other is not None:
+            self.controller, self.other = self.other, self.controller
+            self.say(f"{self.controller.name} in control")
 
     def reset(self, seed: int | None = None) -> None:
         """New context (the real game's first frame when it is shown, so both start together).
@@ -207,7 +214,9 @@ class Session:
         if self.video is not None:
             self.toggle_video()
         self.recorder.stop()
-        self.controller.close()
+        for controller in (self.controller, self.other):
+            if controller is not None:
+                controller.close()
         if self.real is not None:
             self.real.close()
         self.env.close()
@@ -264,13 +273,15 @@ def main(argv: list[str] | None = None) -> int:
                             context=args.context)
         held = HeldKeys(ignore=UI_KEYS)
         controller = make_controller(args.policy, env.keymap, held, args.seed)
+        # a person can take over from an agent (M) wherever there is a keyboard
+        human = None if args.headless or args.policy[0] == "human" else KeyboardController(env.keymap, held)
     except (ValueError, OSError) as err:  # CheckpointError, bad context or replay file: say what to fix
         print(f"play.py: {err}", file=sys.stderr)
         return 2
     fps = args.fps if args.fps is not None else (0.0 if args.headless else env.metadata["render_fps"])
     window = FrameWindow(env.observation_space.shape, args.scale, f"world: {env.world_name}")
-    session = Session(env, window, controller, held, fps, args.seed, args.record_dir, args.out)
-    if args.policy[0] == "human":
+    session = Session(env, window, controller, held, fps, args.seed, args.record_dir, args.out, human)
+    if not args.headless:
         controls = __doc__.split("Controls")[1]
         print(f"world {env.world_name}: actions and keys\n{env.keymap.help()}\nControls{controls}")
         shadowed = [a for a, combos in zip(env.keymap.actions, env.keymap.bindings)

@@ -104,6 +104,24 @@ def test_ui_keys_steps_pause_single_step_hud(session):
     assert not session.running
 
 
+def test_m_hands_control_between_agent_and_person(ckpt, tmp_path):
+    env = WorldModelEnv(checkpoint=ckpt, steps=1, horizon=None)
+    window = FrameWindow(env.observation_space.shape)
+    held = HeldKeys(ignore=play.UI_KEYS)
+    agent = make_controller(["replay", str(_write(tmp_path / "a.txt", "FIRE " * 20))], env.keymap, held)
+    s = play.Session(env, window, agent, held, fps=0, switch_to=KeyboardController(env.keymap, held))
+    down = pygame.KEYDOWN
+    run_schedule(s, {2: [(down, pygame.K_m), (down, pygame.K_LEFT)], 5: [(down, pygame.K_m)]}, 8)
+    assert s.actions == [FIRE, FIRE, LEFT, LEFT, LEFT, FIRE, FIRE, FIRE] and s.controller.name == "replay"
+    s.close()
+    window.close()
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
 def test_record_and_video_keys(session, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     down = pygame.KEYDOWN
