@@ -9,6 +9,7 @@ around it, so both behave the same frame for frame.
 from __future__ import annotations
 
 import warnings
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ import torch
 from envs.keymaps import Keymap, default_keymap
 from envs.world_context import ContextSource
 from envs.worlds import resolve_checkpoint
-from worldmodel.engine import Engine
+from worldmodel.engine import Engine, EngineConfig
 
 SEED_BOUND = 2**63 - 1  # engine seeds are drawn from the env's np_random below this
 DEFAULT_HORIZON = 1000  # frames per episode before truncation: imagined rollouts drift
@@ -42,6 +43,11 @@ class WorldRuntime:
     def __init__(self, checkpoint: str | Path | None = None, world: str | None = None, batch: int = 1,
                  steps: int | None = None, context: str | Path | None = "real",
                  context_length: int | None = None, **engine_overrides: Any) -> None:
+        known = {f.name for f in fields(EngineConfig)} - {"steps"}
+        unknown = sorted(set(engine_overrides) - known)
+        if unknown:  # EngineConfig.from_dict would drop them silently
+            raise TypeError(f"unknown world-model env argument(s) {unknown}; engine settings are "
+                            f"{sorted(known)}")
         path = resolve_checkpoint(checkpoint, world)
         overrides = {k: v for k, v in {"steps": steps, **engine_overrides}.items() if v is not None}
         self.engine = Engine.load(path, batch=batch, **overrides)

@@ -124,6 +124,15 @@ def test_invalid_action_clear_error(ckpt):
         vec.step(np.array([0, 1, 2]))
 
 
+def test_bad_arguments_are_named(ckpt):
+    with pytest.raises(TypeError, match="stepz"):
+        gym.make("WorldModel-v0", checkpoint=ckpt, stepz=2)
+    with pytest.raises(ValueError, match="steps must be one of"):
+        gym.make("WorldModel-v0", checkpoint=ckpt, steps=3)
+    with pytest.raises(ValueError, match="horizon"):
+        gym.make("WorldModel-v0", checkpoint=ckpt, horizon=0)
+
+
 def test_missing_default_world_names_the_fix(tmp_path, monkeypatch):
     monkeypatch.setattr(worlds, "worlds_dir", lambda: tmp_path)
     assert default_world_path.__module__ == "envs.worlds"
