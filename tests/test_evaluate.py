@@ -121,7 +121,8 @@ def test_held_out_split_and_anchors() -> None:
 
 
 def write_dataset(root: Path, episodes: int = 5, length: int = 40, size: int = 32) -> None:
-    """A moving block the actions steer; rewards and an end on the last frame."""
+    """A paddle the actions steer and a ball that bounces on its own (so frames always change);
+    FIRE gives a reward, the last frame ends the episode."""
     for e in range(episodes):
         rng = np.random.default_rng(e)
         with EpisodeWriter(root, {"game": "toy", "action_names": ["noop", "left", "right", "fire"]},
@@ -129,10 +130,12 @@ def write_dataset(root: Path, episodes: int = 5, length: int = 40, size: int = 3
             x = 10
             for t in range(length):
                 a = -1 if t == 0 else int(rng.integers(0, 4))
-                x = min(max(x + (a == 2) - (a == 1), 0), size - 4)
+                x = min(max(x + 2 * (a == 2) - 2 * (a == 1), 0), size - 4)
                 frame = np.zeros((size, size, 3), np.uint8)
                 frame[size - 6:size - 3, x:x + 4] = (200, 80, 80)
                 frame[2:4, :] = (60, 160, 60)
+                by, bx = 6 + abs((t + 3 * e) % 30 - 15), abs((2 * t + e) % 56 - 28)
+                frame[by:by + 2, bx:bx + 2] = 255
                 w.add(frame, a, reward=float(a == 3), terminated=t == length - 1)
 
 

@@ -3,7 +3,7 @@
     python -m train.evaluate checkpoint=<world.safetensors> data=<dataset dir> [out=<dir>]
         [episodes=N] [starts=4] [horizons=1,4,16,64] [steps=K] [sampler=few_step|euler]
         [cfg_scale=S] [protocol=auto|engine|joint] [rollout=1000] [videos=4] [batch=16]
-        [probe_steps=1500] [device=auto|cpu|cuda] [dtype=auto|float32|bfloat16] [seed=0]
+        [probe_steps=1000] [device=auto|cpu|cuda] [dtype=auto|float32|bfloat16] [seed=0]
     python -m train.evaluate checkpoints=[a.safetensors,b.safetensors] names=[teacher,dmd-1] \\
         steps=[50,1] sampler=[euler,few_step] data=<dataset dir> out=<dir>
 
@@ -61,7 +61,7 @@ class EvalConfig:
     rollout: int = 1000               # frames of the drift rollout
     videos: int = 4                   # sample videos per checkpoint
     batch: int = 16                   # clips generated together
-    probe_steps: int = 1500
+    probe_steps: int = 1000
     device: str = "auto"
     dtype: str = "auto"
     seed: int = 0
@@ -172,6 +172,8 @@ def context_length(config: dict, ec: EngineConfig, protocol: str) -> int:
 def evaluate(cfg: EvalConfig) -> Path:
     t_start = time.perf_counter()
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    if device == "cpu":
+        torch.set_flush_denormal(True)  # as training does: denormal floats make CPU convs crawl
     if not Path(cfg.data).is_dir():
         raise UsageError(f"dataset directory {cfg.data} does not exist: record one with `python -m record collect "
                          f"...`, or fix data=<dataset dir>")
