@@ -1,21 +1,18 @@
 """Recording sessions: a game, a controller and an EpisodeWriter, in one or several processes.
 
-Each worker process plays its own copy of the game and writes its own episodes into the same
-dataset directory (episode names are unique per process), so workers never share a file.
-SIGINT or SIGTERM (Ctrl-C, ``kill``) stops every worker after its current step: the chunk in
-flight is flushed, the episode is closed with end "interrupted", and the run exits 0.
+Each worker process (record/workers.py) plays its own copy of the game and writes its own
+episodes into the same dataset directory (episode names are unique per process), so workers
+never share a file. SIGINT or SIGTERM (Ctrl-C, ``kill``) stops every worker after its current
+step: the chunk in flight is flushed, the episode is closed with end "interrupted", and the run
+exits 0.
 Rerunning into the same directory adds episodes; ``resume`` makes ``frames`` a total instead.
 """
 
 from __future__ import annotations
 
-import multiprocessing as mp
-import queue as queue_lib
 import secrets
-import signal
 import sys
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -29,6 +26,7 @@ from envs.registry import get_spec, make_game
 from record.controllers import Controller, RandomController, ReplayController
 from record.explorer import ExplorerController
 from record.reader import Dataset, DatasetError, Episode
+from record.workers import Stop, restore_signals, run_workers
 from record.writer import (
     END_BUDGET,
     END_INTERRUPTED,
@@ -63,31 +61,6 @@ class CollectConfig:
     replay: Path | None = None  # episode directory whose actions the replay controller plays
     scale: int | None = None  # human controller window upscale
     progress: bool = True
-
-
-class Stop:
-    """A stop flag set from a signal handler (a plain attribute: safe to set there)."""
-
-    def __init__(self, event: Any = None) -> None:
-        self.flag = False
-        self.event = event  # a multiprocessing.Event shared with the parent, if any
-
-    def __call__(self) -> bool:
-        return self.flag or (self.event is not None and self.event.is_set())
-
-    def install(self) -> dict[int, Any]:
-        """Make SIGINT and SIGTERM set the flag instead of killing the process.
-        Returns the previous handlers (for :func:`restore_signals`)."""
-
-        def handler(signum: int, frame: Any) -> None:
-            self.flag = True
-
-        return {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-
-def restore_signals(previous: dict[int, Any]) -> None:
-    for sig, handler in previous.items():
-        signal.signal(sig, handler)
 
 
 def make_controller(cfg: CollectConfig, env: GameEnv, seed: int | None) -> Controller:
@@ -276,21 +249,21 @@ def collect(cfg: CollectConfig) -> dict[str, Any]:
         mininterval=0.5 if sys.stderr.isatty() else 30.0,
         dynamic_ncols=True,
     )
+
+    def report(new_frames: int, new_episodes: int) -> None:
+        bar.update(new_frames if unit == "frame" else new_episodes)
+
     start = time.monotonic()
     stop = Stop()
     previous_handlers = stop.install()
     try:
         if workers == 1:
-
-            def report(df: int, de: int) -> None:
-                bar.update(df if unit == "frame" else de)
-
             got_frames, got_episodes = run_session(
                 cfg, frames, cfg.episodes, lambda j: n_existing + j, base_seed, stop, report
             )
         else:
-            got_frames, got_episodes = _run_workers(
-                cfg, frames, workers, n_existing, base_seed, stop, bar, unit
+            got_frames, got_episodes = run_workers(
+                run_session, cfg, frames, cfg.episodes, workers, n_existing, base_seed, stop, report
             )
     finally:
         bar.close()
@@ -308,106 +281,3 @@ def collect(cfg: CollectConfig) -> dict[str, Any]:
         "interrupted": stop(),
         "existing_frames_before": frames_existing,
     }
-
-
-def _share(total: int | None, workers: int, w: int) -> int | None:
-    return None if total is None else total // workers + (1 if w < total % workers else 0)
-
-
-def _run_workers(
-    cfg: CollectConfig,
-    frames: int | None,
-    workers: int,
-    n_existing: int,
-    base_seed: int,
-    stop: Stop,
-    bar: tqdm,
-    unit: str,
-) -> tuple[int, int]:
-    ctx = mp.get_context("spawn")  # fresh interpreters: game libraries and fork do not mix well
-    messages = ctx.Queue()
-    stop_event = ctx.Event()
-    procs = [
-        ctx.Process(
-            target=_worker_main,
-            args=(
-                cfg,
-                w,
-                workers,
-                _share(frames, workers, w),
-                _share(cfg.episodes, workers, w),
-                n_existing,
-                base_seed,
-                messages,
-                stop_event,
-            ),
-        )
-        for w in range(workers)
-    ]
-    for p in procs:
-        p.start()
-    finished: set[int] = set()
-    errors: list[str] = []
-    got_frames = got_episodes = 0
-    while len(finished) < workers:
-        if stop():
-            stop_event.set()
-        try:
-            kind, w, a, b = messages.get(timeout=0.2)
-        except queue_lib.Empty:
-            # A worker killed from outside sends nothing: notice it by its exit code.
-            finished |= {w for w, p in enumerate(procs) if p.exitcode is not None}
-            continue
-        if kind == "progress":
-            got_frames, got_episodes = got_frames + a, got_episodes + b
-            bar.update(a if unit == "frame" else b)
-        elif kind == "error":
-            errors.append(b)
-            finished.add(w)
-        else:
-            finished.add(w)
-    for p in procs:
-        p.join()
-    while not messages.empty():  # progress sent just before a worker's exit was noticed
-        kind, w, a, b = messages.get()
-        if kind == "progress":
-            got_frames, got_episodes = got_frames + a, got_episodes + b
-    if errors:
-        raise RuntimeError("a worker failed:\n" + errors[0])
-    return got_frames, got_episodes
-
-
-def _worker_main(
-    cfg: CollectConfig,
-    w: int,
-    workers: int,
-    frame_budget: int | None,
-    episode_budget: int | None,
-    n_existing: int,
-    base_seed: int,
-    messages: Any,
-    stop_event: Any,
-) -> None:
-    """Entry point of a worker process: run a session, report progress through ``messages``."""
-    stop = Stop(stop_event)
-    stop.install()
-    pending = [0, 0]
-    last = time.monotonic()
-
-    def report(df: int, de: int) -> None:
-        nonlocal last
-        pending[0] += df
-        pending[1] += de
-        if de or time.monotonic() - last > 0.25:
-            messages.put(("progress", w, pending[0], pending[1]))
-            pending[:] = [0, 0]
-            last = time.monotonic()
-
-    try:
-        run_session(
-            cfg, frame_budget, episode_budget, lambda j: n_existing + w + j * workers, base_seed, stop, report
-        )
-        messages.put(("progress", w, pending[0], pending[1]))
-        messages.put(("done", w, 0, 0))
-    except Exception:  # noqa: BLE001  (the parent prints it; a worker must always answer)
-        messages.put(("error", w, 0, traceback.format_exc()))
