@@ -205,12 +205,17 @@ class DiT(nn.Module):
 
     # ---- full-sequence layouts -------------------------------------------------------------
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, actions: torch.Tensor,
-                clean: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+                clean: torch.Tensor | None = None, causal: bool = False,
+                cache: KVCache | None = None) -> torch.Tensor:
         """Velocity for every frame of ``x`` (B, F, h, w, c) at noise levels ``sigma`` (B, F).
 
         ``clean`` (B, F, h, w, c): teacher forcing — frames attend clean ground truth of earlier
-        blocks. Without it the layout is bidirectional, or block-causal over ``x`` if ``causal``.
+        blocks. ``cache``: ``x`` is one block attending the cache (= ``forward_cached``; routed
+        through ``forward`` so DDP sees the call). Otherwise the layout is bidirectional, or
+        block-causal over ``x`` if ``causal``.
         """
+        if cache is not None:
+            return self.forward_cached(x, sigma, actions, cache)
         b, f = x.shape[:2]
         if f > self.cfg.max_frames:
             raise ValueError(f"{f} frames exceed the RoPE table ({self.cfg.max_frames})")

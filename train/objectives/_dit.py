@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tensordict import TensorDict
 
+from train import UsageError
 from train.objectives.tokenizer import load_tokenizer
 from worldmodel import diffusion
 from worldmodel.checkpoint import World, save_world
@@ -29,8 +30,8 @@ WEIGHTS, CONFIG, WORLD = "dit.safetensors", "dit.json", "world.safetensors"
 CONTEXT_FRAMES = 32  # real frames carried by each exported world, so reset needs no dataset
 
 
-class StageError(RuntimeError):
-    """A stage cannot start: the message names the missing piece and the fix."""
+class StageError(UsageError):
+    """A stage cannot start: the message names the missing piece and the fix (CLI: one line, exit 2)."""
 
 
 def read_export(export_dir: Path) -> dict:

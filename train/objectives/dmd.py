@@ -1,0 +1,145 @@
+"""Stage `dmd`: asymmetric distribution matching distillation with self-rollout (reference §7).
+
+Generator: the causal few-step student (init from `causal_cd` or `causal_ode`), rolled out
+through its own KV cache (train/rollout.py): frame-wise with the 1- or 2-step list, a block
+started from noise with the 4-step list, a random exit step shared by the blocks (block 0 has its
+own), gradient only through each block's exit forward. Real score: the frozen BIDIRECTIONAL
+teacher with action CFG in the x0 form (x0_c + g (x0_c - x0_u)). Fake score: a trainable
+bidirectional critic initialised from the teacher. Schedule: the generator updates every
+``critic_ratio``-th step (before that step's critic update), the critic every step. EMA of the
+generator from ``ema_start``; the export holds the EMA weights. Chunk-wise 4-step is
+``steps: 4`` + ``frames_per_block: 3`` of the same code.
+
+World-model adaptation (the original is text-to-video, §7.1): the "prompt" is the clip's
+recorded action sequence; with probability ``context_prob`` the rollout starts from
+``context_frames`` real frames in the cache (how play starts), otherwise from noise (the
+first-frame list path). Context frames are real: they get no gradient and are excluded from
+the DMD normaliser and the critic loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from tensordict import TensorDict
+
+from train.distill import critic_flow_loss, dmd_gradient, dmd_loss, dmd_noise_level
+from train.objectives import EMASpec, Logs, Objective, OptimSpec, TrainContext, register
+from train.objectives._dit import StageError, read_export, save_export, tokenizer_dir
+from train.objectives.causal_cd import dit_from_export
+from train.rollout import self_rollout
+from worldmodel import diffusion
+
+
+@dataclass
+class DMDConfig:
+    steps: int = 2                  # denoising steps of the student (1, 2 or 4)
+    frames_per_block: int = 1       # 1 frame-wise; 3 = the chunk-wise baseline
+    teacher: str | None = None      # bidirectional teacher export (real score, critic init)
+    lr_generator: float = 1e-5
+    lr_critic: float = 2e-6
+    betas: tuple[float, float] = (0.0, 0.999)
+    weight_decay: float = 0.01
+    grad_clip: float = 10.0
+    critic_ratio: int = 5           # critic updates per generator update
+    guidance: float = 2.0           # real-score CFG, x0 form (effective standard scale 1 + g)
+    ema_decay: float = 0.99
+    ema_start: int = 200
+    shift: float = diffusion.DEFAULT_SHIFT
+    context_frames: int = 1
+    context_prob: float = 0.5
+    tokenizer: str | None = None
+
+
+@register("dmd")
+class DMDObjective(Objective):
+    Config = DMDConfig
+
+    def __init__(self, cfg: DMDConfig, ctx: TrainContext) -> None:
+        super().__init__(cfg, ctx)
+        if ctx.init_from is None or not cfg.teacher:
+            raise StageError("stage dmd needs init_from=<causal_cd or causal_ode export> and "
+                             "stage.teacher=<teacher export>")
+        meta = read_export(ctx.init_from)
+        if meta.get("stage") not in ("causal_cd", "causal_ode", "ar", "dmd"):
+            raise StageError(f"{ctx.init_from} is a {meta.get('stage')!r} export; dmd starts from a "
+                             "causal student (causal_cd or causal_ode)")
+        if read_export(cfg.teacher).get("stage") != "teacher":
+            raise StageError(f"stage.teacher={cfg.teacher} is not a bidirectional teacher export")
+        if cfg.context_frames % cfg.frames_per_block:
+            raise StageError("context_frames must be a multiple of frames_per_block")
+        self.generator = dit_from_export(ctx.init_from, frames_per_block=cfg.frames_per_block)
+        self.real = dit_from_export(Path(cfg.teacher)).requires_grad_(False).eval()
+        self.critic = dit_from_export(Path(cfg.teacher))
+        self.names = meta["action_names"]
+        self.tokenizer = tokenizer_dir(cfg, ctx.init_from)
+        self.step_list = diffusion.step_list(cfg.steps, cfg.shift)
+        self.first_list = diffusion.first_frame_steps(cfg.shift)
+
+    def networks(self) -> dict[str, nn.Module]:
+        return {"generator": self.generator, "critic": self.critic, "real": self.real}
+
+    def optimizers(self) -> dict[str, OptimSpec]:
+        c = self.cfg
+        return {
+            "generator": OptimSpec(networks=("generator",), lr=c.lr_generator, betas=tuple(c.betas),
+                                   weight_decay=c.weight_decay, grad_clip=c.grad_clip,
+                                   ema=(EMASpec("generator", c.ema_decay, c.ema_start),)),
+            "critic": OptimSpec(networks=("critic",), lr=c.lr_critic, betas=tuple(c.betas),
+                                weight_decay=c.weight_decay, grad_clip=c.grad_clip),
+        }
+
+    def updates(self, step: int) -> list[str]:
+        return ["generator", "critic"] if step % self.cfg.critic_ratio == 0 else ["critic"]
+
+    def rollout(self, gen: nn.Module, batch: TensorDict, grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """x_hat (B, F, h, w, c) and the mask (B, F) of generated frames."""
+        x0, actions = batch["latents"].float(), batch["actions"].long()
+        b, f = actions.shape
+        k = len(self.step_list)
+        # choices shared by every rank (same rollout structure everywhere, §10.1)
+        exit_step = int(self.ctx.shared_randint(0, k))
+        first_exit = int(self.ctx.shared_randint(0, len(self.first_list)))
+        use_ctx = bool(self.ctx.shared_randint(0, 1000) < 1000 * self.cfg.context_prob)
+        c = self.cfg.context_frames if use_ctx else 0
+        if c == 0:
+            actions = actions.clone()
+            actions[:, 0] = -1  # a world started from noise has no action before its first frame
+        x_hat = self_rollout(gen, actions, self.step_list.to(x0.device), self.first_list.to(x0.device),
+                             exit_step, first_exit, context=x0[:, :c] if c else None, grad=grad)
+        mask = torch.ones(b, f, dtype=torch.bool, device=x0.device)
+        mask[:, :c] = False
+        return x_hat, mask
+
+    def loss(self, name: str, batch: TensorDict, step: int,
+             nets: Mapping[str, nn.Module]) -> tuple[torch.Tensor, Logs]:
+        actions = batch["actions"].long()
+        if name == "generator":
+            x_hat, mask = self.rollout(nets["generator"], batch, grad=True)
+            sigma = dmd_noise_level(x_hat.shape[0], self.cfg.shift, x_hat.device).expand(mask.shape)
+            x_t = diffusion.add_noise(x_hat.detach(), torch.randn_like(x_hat), sigma)
+            with torch.no_grad():
+                x0_c = diffusion.x0_from_velocity(x_t, self.real(x_t, sigma, actions), sigma)
+                x0_u = diffusion.x0_from_velocity(x_t, self.real(x_t, sigma, torch.full_like(actions, -1)), sigma)
+                x0_real = diffusion.cfg_x0_dmd(x0_c, x0_u, self.cfg.guidance)
+                x0_fake = diffusion.x0_from_velocity(x_t, nets["critic"](x_t, sigma, actions), sigma)
+                grad = dmd_gradient(x_hat.detach(), x0_real, x0_fake, mask)
+            loss = dmd_loss(x_hat, grad)
+            return loss.float(), {"dmd_grad_rms": grad.pow(2).mean().sqrt()}
+        with torch.no_grad():
+            x_hat, mask = self.rollout(nets["generator"], batch, grad=False)
+        sigma = dmd_noise_level(x_hat.shape[0], self.cfg.shift, x_hat.device).expand(mask.shape)
+        eps = torch.randn_like(x_hat)
+        x_t = diffusion.add_noise(x_hat, eps, sigma)
+        v = nets["critic"](x_t, sigma, actions)
+        return critic_flow_loss(v, eps, x_hat, mask), {}
+
+    def export(self, out_dir: Path, weights: Mapping[str, dict[str, torch.Tensor]],
+               batches: Iterator[TensorDict]) -> None:
+        save_export(out_dir, self.generator, weights["generator"], self.names, "dmd", self.tokenizer,
+                    batches, engine={"sampler": "few_step", "steps": self.cfg.steps,
+                                     "first_frame_steps": 4, "shift": self.cfg.shift})
