@@ -64,7 +64,8 @@ def write_dataset(root: Path, episodes: int = 2, length: int = 10) -> None:
 
 def test_recorded_dataset_batches(tmp_path: Path, capsys) -> None:
     write_dataset(tmp_path / "data")
-    cfg = compose_config([f"data={tmp_path / 'data'}", "data.clip_len=4", "data.batch_size=3"])
+    cfg = compose_config([f"data={tmp_path / 'data'}", "data.clip_len=4", "data.batch_size=3",
+                          "data.hold_out=false"])
     source = build_data(cfg.data, rank=0, world_size=1, device=torch.device("cpu"), run_dir=tmp_path)
     assert source.action_names == ["noop", "left", "right"]
     assert sorted(source.episode_lengths()) == [5, 10]  # the damaged chunk's 5 frames are gone
@@ -72,6 +73,14 @@ def test_recorded_dataset_batches(tmp_path: Path, capsys) -> None:
     batch = next(clip_batches(source, cfg.data, seed=0, rank=0, world_size=1, device=torch.device("cpu")))
     assert batch["frames"].shape == (3, 4, 64, 64, 3) and batch["frames"].dtype == torch.uint8
     assert batch["actions"].dtype == torch.int64 and batch["rewards"].shape == (3, 4)
+
+
+def test_training_skips_the_held_out_episodes(tmp_path: Path) -> None:
+    write_dataset(tmp_path / "data", episodes=3)
+    cfg = compose_config([f"data={tmp_path / 'data'}", "data.clip_len=4", "data.batch_size=1"])
+    source = build_data(cfg.data, rank=0, world_size=1, device=torch.device("cpu"), run_dir=tmp_path)
+    # 3 episodes: evaluation holds out the last one (ceil(0.1 * 3) = 1), whose chunk is also damaged
+    assert sorted(source.episode_lengths()) == [10, 10]
 
 
 def test_tokenizer_stage_runs_on_a_recorded_dataset(tmp_path: Path) -> None:

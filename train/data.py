@@ -24,6 +24,7 @@ from tensordict import TensorDict
 from record.reader import Dataset, DatasetError
 from train import UsageError
 from train.distributed import Dist, barrier
+from train.eval.split import split_ids
 from train.latents import LatentSource, build_latent_cache, latent_cache_dir
 
 
@@ -50,6 +51,7 @@ class DataConfig:
     latents: bool = False             # serve tokenizer latents (cached on disk) instead of frames
     tokenizer: str | None = None      # the tokenizer stage's export dir (when latents=True)
     cache_dir: str | None = None      # latent cache root; default: <run_dir>/../latent_cache
+    hold_out: bool = True             # skip the episodes `train.evaluate` holds out (train/eval/split.py)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
@@ -133,10 +135,15 @@ class RecordedSource:
     reported and skipped by the reader; an episode with a hole comes back as two pieces, so no
     clip spans a gap."""
 
-    def __init__(self, path: Path, resolution: int) -> None:
+    def __init__(self, path: Path, resolution: int, hold_out: bool = True) -> None:
         try:
             dataset = Dataset(Path(path))
-            episodes = list(dataset.episodes(frames=True, size=(resolution, resolution)))
+            dirs = dataset.episode_dirs
+            if hold_out and len(dirs) >= 2:  # evaluation's held-out episodes never train
+                keep = set(split_ids([d.name for d in dirs])[0])
+                dirs = [d for d in dirs if d.name in keep]
+            size = (resolution, resolution)
+            episodes = [ep for d in dirs for ep in dataset.read(d, frames=True, size=size)]
         except DatasetError as e:
             raise UsageError(str(e)) from None
         if not episodes:
@@ -232,7 +239,7 @@ def recorded_source(cfg: DataConfig) -> ClipSource:
     if not Path(cfg.path).is_dir():
         raise UsageError(f"dataset directory {cfg.path} does not exist: record one with `python -m record "
                          f"...`, or fix data=<dataset dir>")
-    return RecordedSource(Path(cfg.path), cfg.resolution)
+    return RecordedSource(Path(cfg.path), cfg.resolution, cfg.hold_out)
 
 
 SOURCES = {  # data.source -> factory(DataConfig) -> ClipSource
@@ -259,7 +266,7 @@ def build_data(cfg: Any, *, rank: int, world_size: int, device: torch.device, ru
             f"tokenizer export. Train the tokenizer first (python -m train stage=tokenizer data=... "
             f"runs_root=...) or set data.tokenizer=<its run_dir>/export.")
     root = Path(cfg.cache_dir) if cfg.cache_dir else Path(run_dir).parent / "latent_cache"
-    key = f"{cfg.source}:{Path(cfg.path).resolve() if cfg.path else dict(cfg.synthetic)}:{cfg.resolution}"
+    key = f"{cfg.source}:{Path(cfg.path).resolve() if cfg.path else dict(cfg.synthetic)}:{cfg.resolution}:hold_out={cfg.hold_out}"
     out = latent_cache_dir(root, key, Path(cfg.tokenizer))
     if rank == 0:
         build_latent_cache(source, Path(cfg.tokenizer), out, device=device,
