@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from record.writer import EpisodeWriter
 from tests.conftest import make_tiny_world
@@ -20,6 +21,16 @@ from train.eval.score import fidelity, shuffle_in_time
 from train.eval.split import Clips, anchors, held_out_count, split_ids
 from train.evaluate import main as evaluate_main
 from worldmodel.checkpoint import save_world
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one thread. With two, OpenMP's hand-offs cost more than these small ops (and
+    far more on a shared, busy machine); restored afterwards for the other tests."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def test_psnr_known_values() -> None:

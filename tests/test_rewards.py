@@ -16,11 +16,21 @@ from record.writer import EpisodeWriter
 from tests.conftest import make_tiny_world
 from train.app import main as train_main
 from train.objectives import TrainContext
-from train.objectives.rewards import (RewardsConfig, RewardsObjective, attach_rewards, balanced_losses,
-                                      classification_metrics, inverse_frequency, save_reward_export,
-                                      sign_classes)
+from train.objectives.rewards import (RareMemory, RewardsConfig, RewardsObjective, attach_rewards,
+                                      balanced_losses, classification_metrics, inverse_frequency,
+                                      save_reward_export, sign_classes)
 from worldmodel.checkpoint import CheckpointError, load_world, save_world
 from worldmodel.reward import RewardConfig, RewardHeads
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one thread. With two, OpenMP's hand-offs cost more than these small ops (and
+    far more on a shared, busy machine); restored afterwards for the other tests."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def test_inverse_frequency_weights_make_every_class_count_equally() -> None:
@@ -98,13 +108,32 @@ def test_heads_learn_a_rare_rule_with_the_balanced_loss(tmp_path: Path) -> None:
             opt.step()
     finally:
         torch.set_flush_denormal(False)
-    assert logs["w_positive"] > 5 and logs["w_end"] > 5  # rare classes are up-weighted
+    assert logs["memory"] > 100  # rare transitions collected for balanced sampling
     held = torch.Generator().manual_seed(99)
     m = obj.scores(heads.eval(), iter(lambda: rule_batch(held), None))
     assert m["nonzero"] > 50 and m["ends"] > 25
     assert m["reward_balanced_accuracy"] > 0.95 and m["nonzero_recall"] > 0.95, m
     assert m["end_recall"] > 0.8 and m["end_balanced_accuracy"] > 0.85, m
     assert obj.state_dict()["reward_counts"].sum() == 150 * 64
+
+
+def test_rare_memory_reservoir_and_balanced_draws() -> None:
+    torch.manual_seed(0)
+    mem = RareMemory(capacity=8)
+    assert mem.sample(6) is None
+    for step in range(10):
+        labels = torch.tensor([1, 1, 2, 2, 2, 0])  # three positives and one negative per batch
+        ends = torch.tensor([0, 0, 0, 0, 1, 0]).bool()
+        lat = torch.full((6, 2, 2, 1), float(step))
+        mem.add(lat, lat, torch.arange(6), labels, ends)
+    assert mem.seen == {"negative": 10, "positive": 30, "end": 10} and len(mem) == 24
+    # the reservoir is a sample of all batches, not just the latest
+    assert len(set(mem.data["positive"]["prev"][:, 0, 0, 0].tolist())) > 2
+    prev, cur, acts, labels, ends = mem.sample(30)
+    assert len(labels) == 30 and (labels[:10] == 0).all() and (labels[10:] == 2).all() and ends[20:].all()
+    copy = RareMemory(8)
+    copy.load_state_dict(mem.state_dict(), torch.device("cpu"))
+    assert copy.seen == mem.seen and torch.equal(copy.data["end"]["cur"], mem.data["end"]["cur"])
 
 
 def test_rewards_stage_on_synthetic_data_says_what_it_needs(tmp_path: Path) -> None:

@@ -2,15 +2,26 @@
 cached tokenizer latents of recorded episodes.
 
 Each clip [B, T] gives T-1 transitions: (latents t-1, latents t, action t) -> sign of reward t in
-{-1, 0, +1} (class 0, 1, 2) and terminated t. Both targets are rare (Breakout: a reward every
-few dozen frames, one termination per episode), so an unweighted loss learns "always 0, never
-ends". The loss is CLASS-BALANCED by inverse frequency: every class k gets the weight
-1 / (K p_k), with p_k estimated from the running label counts of every batch seen so far (plus
-`prior` pseudo-counts, so a class never seen yet cannot get an infinite weight), capped at
-`max_weight`. Batches are still drawn uniformly; the weights make the expected loss the mean of
-per-class losses, i.e. what balanced accuracy measures. The counts are part of the checkpoint
-(`state_dict`); under DDP each rank counts its own shard (they agree after a few hundred
-batches), and a resume restores rank 0's counts on every rank.
+{-1, 0, +1} (class 0, 1, 2) and terminated t. Both targets are rare (Breakout under random play:
+a reward in ~1% of transitions, an end in ~0.4%), so a plain mean loss learns "always 0, never
+ends". Two class-balancing schemes, `balance`:
+
+  oversample (default): BALANCED SAMPLING. The loop draws clips uniformly, so the stage keeps a
+      reservoir sample (`RareMemory`) of every rare transition it has seen, per kind (negative
+      reward, positive reward, end), and adds `oversample` x (batch transitions) draws from it,
+      split equally over the kinds, to every batch; the loss is the plain mean over the union.
+  inverse_frequency: loss weights 1 / (K p_k), p_k from the running label counts (+ `prior`
+      pseudo-counts so an unseen class has a finite weight), capped at `max_weight`.
+
+Measured on Breakout (random play, 120 training episodes = 30k transitions with 232 rewards and
+120 ends, proxy latents, 1500 steps of 128; held-out = 20k transitions): oversample reached a
+reward balanced accuracy of 0.75 and an end balanced accuracy of 0.77; inverse_frequency 0.55
+and 0.48 (one or two rare samples with weights of 40-125 dominate each step's gradient: noisy
+and over-fitted); no balancing 0.50 / 0.50 (never predicts a reward or an end).
+
+The label counts and the memory are part of the checkpoint (`state_dict`); under DDP each rank
+keeps its own (they describe the same data after a few hundred batches), and a resume restores
+rank 0's on every rank.
 
 Export (``<run_dir>/export``): ``reward.safetensors`` (fp32 weights), ``reward.json`` (config,
 action names, tokenizer, class counts, metrics on evaluation batches), and, when `world` names a
@@ -40,7 +51,7 @@ from worldmodel.checkpoint import CheckpointError, load_world, save_world
 from worldmodel.reward import REWARD_VALUES, RewardConfig, RewardHeads
 
 WEIGHTS, CONFIG, WORLD = "reward.safetensors", "reward.json", "world.safetensors"
-BALANCE = ("inverse_frequency", "none")
+BALANCE = ("oversample", "inverse_frequency", "none")
 
 
 @dataclass
@@ -51,9 +62,11 @@ class RewardsConfig:
     grad_clip: float = 1.0
     warmup_steps: int = 50
     hidden: int = 128                 # RewardHeads width
-    balance: str = "inverse_frequency"  # or "none" (plain mean loss, for comparison)
-    prior: float = 1.0                # pseudo-count per class in the frequency estimate
-    max_weight: float = 1000.0        # cap on a class weight (bounds one rare sample's gradient)
+    balance: str = "oversample"       # "oversample" | "inverse_frequency" | "none" (module docstring)
+    oversample: float = 1.0           # rare draws per batch transition (1.0: half of each step is rare)
+    memory: int = 4096                # rare transitions kept per kind (reservoir sample)
+    prior: float = 1.0                # inverse_frequency: pseudo-count per class
+    max_weight: float = 1000.0        # inverse_frequency: cap on a class weight
     end_weight: float = 1.0           # termination loss relative to the reward loss
     eval_batches: int = 8             # batches scored by evaluate() and at export
     num_actions: int = 0              # 0: from the dataset's action names
@@ -145,6 +158,56 @@ def transitions(batch: TensorDict) -> tuple[torch.Tensor, ...]:
             sign_classes(flat(batch["rewards"][:, 1:])), flat(batch["terminated"][:, 1:]).bool())
 
 
+class RareMemory:
+    """A uniform reservoir sample (Vitter's algorithm R) of the rare transitions seen so far, per
+    kind: reward sign -1, reward sign +1, terminated. Random draws use torch's default generator,
+    so a resumed run (which restores it) continues exactly."""
+
+    KINDS = ("negative", "positive", "end")
+    FIELDS = ("prev", "cur", "actions", "labels", "ends")
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.seen = {k: 0 for k in self.KINDS}
+        self.data: dict[str, dict[str, torch.Tensor]] = {}
+
+    def __len__(self) -> int:
+        return sum(min(n, self.capacity) for n in self.seen.values())
+
+    def add(self, prev, cur, actions, labels, ends) -> None:
+        batch = dict(zip(self.FIELDS, (prev, cur, actions, labels, ends)))
+        for kind, mask in zip(self.KINDS, (labels == 0, labels == 2, ends)):
+            for i in torch.nonzero(mask).flatten().tolist():  # a handful per batch: rare by definition
+                n = self.seen[kind]
+                self.seen[kind] += 1
+                slot = n if n < self.capacity else int(torch.randint(0, n + 1, ()))
+                if slot >= self.capacity:
+                    continue
+                if kind not in self.data:
+                    self.data[kind] = {f: v.new_zeros((self.capacity, *v.shape[1:])) for f, v in batch.items()}
+                for f, v in batch.items():
+                    self.data[kind][f][slot] = v[i].detach()
+
+    def sample(self, n: int) -> tuple[torch.Tensor, ...] | None:
+        """About ``n`` stored transitions, split equally over the kinds seen so far (with replacement)."""
+        kinds = [k for k in self.KINDS if self.seen[k] > 0]
+        if not kinds or n <= 0:
+            return None
+        per = max(1, n // len(kinds))
+        picks = []
+        for k in kinds:
+            idx = torch.randint(0, min(self.seen[k], self.capacity), (per,))
+            picks.append({f: v[idx.to(v.device)] for f, v in self.data[k].items()})
+        return tuple(torch.cat([p[f] for p in picks]) for f in self.FIELDS)
+
+    def state_dict(self) -> dict:
+        return {"seen": dict(self.seen), "data": {k: {f: v.cpu() for f, v in d.items()} for k, d in self.data.items()}}
+
+    def load_state_dict(self, state: dict, device: torch.device) -> None:
+        self.seen = {k: int(v) for k, v in state["seen"].items()}
+        self.data = {k: {f: v.to(device) for f, v in d.items()} for k, d in state["data"].items()}
+
+
 # ----- the stage ---------------------------------------------------------------------------------
 
 
@@ -165,6 +228,7 @@ class RewardsObjective(Objective):
                                               num_actions=len(self.names), hidden=cfg.hidden))
         self.reward_counts = torch.zeros(3, dtype=torch.float64)  # labels seen so far, per class
         self.end_counts = torch.zeros(2, dtype=torch.float64)
+        self.memory = RareMemory(cfg.memory)
 
     def networks(self) -> dict[str, nn.Module]:
         return {"reward": self.heads}
@@ -176,7 +240,7 @@ class RewardsObjective(Objective):
                                     warmup_steps=c.warmup_steps)}
 
     def weights(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        if self.cfg.balance == "none":
+        if self.cfg.balance != "inverse_frequency":
             return None, None
         c = self.cfg
         return (inverse_frequency(self.reward_counts, c.prior, c.max_weight),
@@ -188,11 +252,18 @@ class RewardsObjective(Objective):
         # Count this batch first: a class's first sample then gets a large but finite weight.
         self.reward_counts += torch.bincount(labels.cpu(), minlength=3).double()
         self.end_counts += torch.bincount(ends.long().cpu(), minlength=2).double()
+        logs: Logs = {"nonzero_frac": (labels != 1).float().mean(), "end_frac": ends.float().mean()}
+        if self.cfg.balance == "oversample":
+            self.memory.add(prev, cur, acts, labels, ends)
+            extra = self.memory.sample(round(self.cfg.oversample * len(labels)))
+            if extra is not None:
+                prev, cur, acts, labels, ends = (torch.cat([a, b]) for a, b in
+                                                 zip((prev, cur, acts, labels, ends), extra))
+            logs["memory"] = float(len(self.memory))
         rw, ew = self.weights()
         logits, end = nets["reward"](prev, cur, acts)
         r_loss, e_loss = balanced_losses(logits, end, labels, ends, rw, ew)
-        logs: Logs = {"reward_ce": r_loss.detach(), "end_bce": e_loss.detach(),
-                      "nonzero_frac": (labels != 1).float().mean(), "end_frac": ends.float().mean()}
+        logs.update(reward_ce=r_loss.detach(), end_bce=e_loss.detach())
         if rw is not None:
             logs.update(w_negative=float(rw[0]), w_positive=float(rw[2]), w_end=float(ew[1]))
         return r_loss + self.cfg.end_weight * e_loss, logs
@@ -220,16 +291,19 @@ class RewardsObjective(Objective):
         heads = heads.to(self.ctx.device).eval()
         save_reward_export(out_dir, heads, self.names, self.tokenizer, extra={
             "class_counts": {"reward": self.reward_counts.tolist(), "end": self.end_counts.tolist()},
-            "balance": self.cfg.balance, "metrics": self.scores(heads, batches)})
+            "balance": self.cfg.balance, "rare_seen": dict(self.memory.seen),
+            "metrics": self.scores(heads, batches)})
         if self.cfg.world:
             attach_rewards(self.cfg.world, out_dir, out=out_dir / WORLD)
 
     def state_dict(self) -> dict:
-        return {"reward_counts": self.reward_counts.clone(), "end_counts": self.end_counts.clone()}
+        return {"reward_counts": self.reward_counts.clone(), "end_counts": self.end_counts.clone(),
+                "memory": self.memory.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.reward_counts = torch.as_tensor(state["reward_counts"], dtype=torch.float64).clone()
         self.end_counts = torch.as_tensor(state["end_counts"], dtype=torch.float64).clone()
+        self.memory.load_state_dict(state["memory"], self.ctx.device)
 
 
 # ----- export and attaching to a world ----------------------------------------------------------
