@@ -19,6 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from train import UsageError
 from train.loop import train
+from train.pipeline import run_pipeline
 
 USAGE = """usage: python -m train stage=<stage> data=<dataset dir | synthetic> model=<size> [key=value ...]
 
@@ -76,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = compose_config(argv)
         if show:
             print(OmegaConf.to_yaml(cfg, resolve=True))
+            return 0
+        if cfg.stage.name == "all":
+            print(f"done: {run_pipeline(argv, cfg, lambda o: train(compose_config(o)))}")
             return 0
         run_dir = train(cfg)
     except UsageError as e:

@@ -1,0 +1,82 @@
+"""`python -m train stage=all ...`: the whole Causal Forcing++ pipeline in one command.
+
+tokenizer -> teacher -> ar -> causal_cd [-> causal_ode] -> dmd -> rewards, each stage a normal run
+of the one loop (so each resumes on its own: rerunning the command skips finished stages and
+continues an interrupted one), each initialised from the previous stage's export under the same
+``runs_root``. The final artefact is one world checkpoint, ``<runs_root>/world.safetensors``: the
+DMD student with the reward heads attached, the dataset's action names, keymap, game and fps, and
+real context frames, so ``play.py --checkpoint`` and the env load it with nothing else.
+
+Every override on the command line goes to every stage (``steps=5`` makes a smoke run);
+``stage.steps.<name>=N`` sets one stage's length; ``stage.causal_ode=true`` adds the baseline.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from train import UsageError
+from train.objectives._dit import WORLD
+from worldmodel.checkpoint import load_world, save_world
+
+ORDER = ("tokenizer", "teacher", "ar", "causal_cd", "causal_ode", "dmd", "rewards")
+
+
+def dataset_info(path: str | None) -> dict:
+    """Game, fps and keymap from the first episode's metadata (what play.py needs of a world)."""
+    if not path:
+        return {}
+    metas = sorted(Path(path).glob("*/meta.json"))
+    if not metas:
+        return {}
+    meta = json.loads(metas[0].read_text())
+    return {k: meta[k] for k in ("game", "gym_id", "fps", "keymap") if k in meta}
+
+
+def stage_overrides(argv: list[str], name: str, cfg: DictConfig) -> list[str]:
+    """The command line for one stage: the user's overrides, its name, its own step count."""
+    out = [a for a in argv if not a.startswith(("stage=", "stage."))]
+    out.append(f"stage={name}")
+    steps = (cfg.stage.get("steps") or {}).get(name)
+    if steps is not None and not any(a.startswith("steps=") for a in argv):
+        out.append(f"steps={steps}")
+    return out
+
+
+def run_pipeline(argv: list[str], cfg: DictConfig, train_stage) -> Path:
+    """Run the stages in order through ``train_stage(overrides) -> run_dir``; returns the world."""
+    wanted = [s for s in ORDER if s != "causal_ode" or cfg.stage.get("causal_ode", False)]
+    if cfg.data.get("source") == "synthetic" and "rewards" in wanted:
+        wanted.remove("rewards")  # generated episodes carry no rewards to learn
+    runs_root = Path(cfg.runs_root)
+    timings: dict[str, float] = {}
+    timing_file = runs_root / "pipeline_timings.json"
+    if timing_file.exists():
+        timings = json.loads(timing_file.read_text())
+    run_dirs: dict[str, Path] = {}
+    for name in wanted:
+        print(f"== stage {name}", flush=True)
+        t0 = time.perf_counter()
+        run_dirs[name] = Path(train_stage(stage_overrides(argv, name, cfg)))
+        timings[name] = timings.get(name, 0.0) + time.perf_counter() - t0
+        runs_root.mkdir(parents=True, exist_ok=True)
+        timing_file.write_text(json.dumps(timings, indent=2))
+    dmd_world = run_dirs["dmd"] / "export" / WORLD
+    if not dmd_world.exists():
+        raise UsageError(f"the dmd stage left no world at {dmd_world}")
+    world = load_world(dmd_world)
+    if "rewards" in run_dirs:
+        from train.objectives.rewards import load_reward_export  # the rewards stage's own format
+
+        heads, _ = load_reward_export(run_dirs["rewards"] / "export")
+        world.reward = heads
+    world.info = {**world.info, **dataset_info(cfg.data.get("path")), "name": cfg.get("world_name")
+                  or Path(cfg.data.get("path") or "synthetic").name, "pipeline_seconds": timings}
+    out = runs_root / WORLD
+    save_world(out, world)
+    print(f"world: {out}")
+    return out
