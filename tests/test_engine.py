@@ -149,3 +149,26 @@ def test_image_file_context(tmp_path):
     assert frame.shape == (1, 32, 32, 3) and frame.max() == 255
     with pytest.raises(ValueError, match="cannot read image"):
         eng.reset(str(tmp_path / "missing.png"))
+
+
+def test_per_world_reset_runs_the_model_on_that_world_only():
+    world = make_tiny_world()
+    eng = engine(world, batch=3, steps=1)
+    eng.reset(world.context_frames.numpy())
+    for a in range(2):
+        eng.step(a)
+    eng.flush()
+    keep = eng.cache.k[:, [0, 2]].clone()
+    seen = []
+    hook = eng.dit.patch_in.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[0]))
+    frames = eng.reset(None, worlds=[1])
+    hook.remove()
+    assert seen and all(b == 1 for b in seen)  # batch-1 forwards only
+    assert torch.equal(eng.cache.k[:, [0, 2]], keep)  # the other worlds' caches are untouched
+    assert eng.cache.counts == [len(world.context_frames) + 2, 1, len(world.context_frames) + 2]
+    assert frames.shape == (3, 32, 32, 3)
+
+
+def test_unknown_engine_setting_is_an_error():
+    with pytest.raises(ValueError, match="unknown engine setting"):
+        EngineConfig.from_dict({"steps": 2, "stepz": 3})

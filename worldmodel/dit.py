@@ -259,7 +259,7 @@ class DiT(nn.Module):
                        device=device or ref.device, dtype=dtype or ref.dtype)
 
     def _cached(self, x: torch.Tensor, sigma: torch.Tensor, actions: torch.Tensor,
-                cache: KVCache, write: bool, worlds: list[int] | None = None):
+                cache: KVCache, write: bool):
         """Run one block against the cache -> final tokens and cond (the head is the caller's)."""
         b, f = x.shape[:2]
         p = self.cfg.tokens_per_frame
@@ -287,7 +287,7 @@ class DiT(nn.Module):
             if write:
                 # After attending: in a full ring this slot still holds the frame being evicted,
                 # which this block's queries must see. Stored without the time rotation.
-                cache.write(layer, k_new, v_new, worlds)
+                cache.write(layer, k_new, v_new)
             tokens = blk.post(tokens, o, mods)
         return tokens, cond
 
@@ -297,16 +297,14 @@ class DiT(nn.Module):
         return self.unembed(*self._cached(x, sigma, actions, cache, write=False))
 
     @torch.no_grad()
-    def refresh(self, x0: torch.Tensor, actions: torch.Tensor, cache: KVCache,
-                worlds: list[int] | None = None) -> None:
+    def refresh(self, x0: torch.Tensor, actions: torch.Tensor, cache: KVCache) -> None:
         """Write the clean K/V of block ``x0`` (B, k, h, w, c) at sigma = 0 and advance the cache.
 
-        ``worlds``: only these batch rows are written and advanced (the others' rows of ``x0``
-        are computed and discarded), so single worlds of a batch can be re-seeded.
+        To re-seed single worlds of a batch, pass ``cache.row(j)`` and that world's rows.
         """
         sigma = torch.zeros(x0.shape[:2], device=x0.device)
-        self._cached(x0, sigma, actions, cache, write=True, worlds=worlds)  # output head skipped
-        cache.advance(x0.shape[1], worlds)
+        self._cached(x0, sigma, actions, cache, write=True)  # output head skipped
+        cache.advance(x0.shape[1])
 
     def compile_blocks(self, **kwargs) -> None:
         """torch.compile each block's dense parts; cache bookkeeping stays eager Python."""

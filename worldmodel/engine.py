@@ -55,7 +55,10 @@ class EngineConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "EngineConfig":
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown engine setting(s) {unknown}; valid ones: {sorted(names)}")
+        return cls(**d)
 
 
 class Engine:
@@ -87,9 +90,10 @@ class Engine:
         self.first_frame_steps = cfg.first_frame_steps
         self.generator = torch.Generator(self.device)
         self.generator.manual_seed(cfg.seed if cfg.seed is not None else torch.seed())
-        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._buffer: list[np.ndarray] = []
-        self.latents: torch.Tensor | None = None  # (B, h, w, c) latents of the last frame shown
+        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None  # (x0, actions) to refresh
+        self._buffer: list[tuple[np.ndarray, torch.Tensor]] = []  # chunk-wise: frames to come
+        self.frames: np.ndarray | None = None   # (B, H, W, 3) the frame each world shows now
+        self.latents: torch.Tensor | None = None  # (B, h, w, c) its latents
         self.frame_index = 0
         self.timing: dict[str, float] = {}
 
@@ -129,31 +133,42 @@ class Engine:
     @torch.no_grad()
     def reset(self, context=None, actions=None, *, seed: int | None = None,
               worlds: list[int] | None = None) -> np.ndarray:
-        """Start worlds over; returns their current frames, uint8 (B, H, W, 3).
+        """Start worlds over; returns every world's current frame, uint8 (B, H, W, 3).
 
         ``context``: None (first frame from noise, first-frame step list), real frames uint8
         (T, H, W, 3) shared by all worlds or (B, T, H, W, 3) per world (any size: resized), or the
         path of an image file. ``actions`` (T,) / (B, T): the actions that led to those frames
-        (default: unknown, -1). ``worlds``: reset only these batch rows (default all).
+        (default: unknown, -1). ``worlds``: reset only these batch rows (default all); the model
+        then runs on those rows alone, the others keep playing untouched.
         """
         if seed is not None:
             self.generator.manual_seed(seed)
         self._pending_flush()
-        rows = list(range(self.batch)) if worlds is None else list(worlds)
-        self.cache.reset(rows)
+        ctx, acts = self._context(context, actions)
         if worlds is None:
-            self._buffer = []
-            self.frame_index = 0
-        if context is None:
-            null = torch.full((self.batch,), -1, dtype=torch.long)
-            frames, latents = self._generate(null, worlds=rows)
-        else:
-            frames, latents = self._seed_context(context, actions, rows)
-        if self.latents is None or worlds is None:
-            self.latents = latents
-        else:
-            self.latents[rows] = latents[rows]
-        return frames
+            self.cache.reset()
+            self._buffer, self.frame_index = [], 0
+            if ctx is None:
+                frames, self.latents = self._generate(torch.full((self.batch,), -1, dtype=torch.long))
+            else:
+                frames, self.latents = self._seed_context(self.cache, ctx, acts)
+            self.frames = frames
+            return frames
+        if self.block > 1:
+            raise ValueError("a chunk-wise world resets all its batch at once (per-world reset would "
+                             "desynchronise the blocks); call reset() without worlds=")
+        for j in worlds:
+            with self.cache.row(j) as cache:
+                cache.reset()
+                if ctx is None:
+                    null = torch.full((1, 1), -1, dtype=torch.long, device=self.device)
+                    x0 = self._sample_block(cache, null, first=True)
+                    self.dit.refresh(x0, null, cache)
+                    frame, latent = self.tokenizer.decode(x0).cpu().numpy()[:, 0], x0[:, -1]
+                else:
+                    frame, latent = self._seed_context(cache, ctx[j:j + 1], acts[j:j + 1])
+            self.frames[j], self.latents[j] = frame[0], latent[0]
+        return self.frames.copy()
 
     @torch.no_grad()
     def step(self, actions) -> np.ndarray:
@@ -161,11 +176,11 @@ class Engine:
         acts = self._check_actions(actions)
         self.frame_index += 1
         if self._buffer:  # chunk-wise: frames of the current block are already made
-            self.timing = {"total_ms": 0.0}
-            return self._buffer.pop(0)
-        frames, latents = self._generate(acts)
-        self.latents = latents
-        return frames
+            self.timing = {"total_ms": 0.0, "steps": 0}
+            self.frames, self.latents = self._buffer.pop(0)
+            return self.frames
+        self.frames, self.latents = self._generate(acts)
+        return self.frames
 
     def flush(self) -> None:
         """Run the pending clean-cache refresh now (call it while idle, e.g. waiting for a tick)."""
@@ -190,15 +205,15 @@ class Engine:
         if self._pending is None:
             return 0.0
         t0 = time.perf_counter()
-        x0, acts, rows = self._pending
+        x0, acts = self._pending
         self._pending = None
-        self.dit.refresh(x0, acts, self.cache, worlds=rows)
+        self.dit.refresh(x0, acts, self.cache)
         return (time.perf_counter() - t0) * 1e3
 
-    def _denoiser(self, acts: torch.Tensor):
-        """x0-denoiser for one block against the cache, with optional action CFG."""
+    def _denoiser(self, acts: torch.Tensor, cache):
+        """x0-denoiser for one block against ``cache``, with optional action CFG."""
         def cond(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-            v = self.dit.forward_cached(x, sigma, acts, self.cache)
+            v = self.dit.forward_cached(x, sigma, acts, cache)
             return diffusion.x0_from_velocity(x, v, sigma)
 
         if self.config.cfg_scale == 1.0:
@@ -206,7 +221,7 @@ class Engine:
         null = torch.full_like(acts, -1)
 
         def uncond(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-            v = self.dit.forward_cached(x, sigma, null, self.cache)
+            v = self.dit.forward_cached(x, sigma, null, cache)
             return diffusion.x0_from_velocity(x, v, sigma)
 
         return samplers.cfg_denoiser(cond, uncond, self.config.cfg_scale)
@@ -217,31 +232,37 @@ class Engine:
             return diffusion.grid(n, self.config.shift)
         return diffusion.step_list(n, self.config.shift)
 
-    def _generate(self, acts: torch.Tensor, worlds: list[int] | None = None):
+    def _sample_block(self, cache, acts: torch.Tensor, first: bool) -> torch.Tensor:
+        """Latents x0 (b, k, h, w, c) of the next block of every world in ``cache``."""
+        cfg = self.dit.cfg
+        noise = torch.randn((cache.batch, self.block, cfg.latent_size, cfg.latent_size, cfg.latent_channels),
+                            generator=self.generator, device=self.device)
+        sample = samplers.euler if self.config.sampler == "euler" else samplers.few_step
+        denoise = self._denoiser(acts, cache)
+        return sample(denoise, noise, self._sigmas(first), generator=self.generator)
+
+    def _generate(self, acts: torch.Tensor):
         """Make one block for every world; decode; leave its refresh pending."""
         t0 = time.perf_counter()
         refresh_ms = self._pending_flush()  # 0 when the caller already flushed while idle
         t1 = time.perf_counter()
-        k, cfg = self.block, self.dit.cfg
-        block_acts = acts.to(self.device)[:, None].repeat(1, k)  # (B, k)
-        rows = worlds if worlds is not None else list(range(self.batch))
-        first = all(self.cache.counts[b] == 0 for b in rows)
-        noise = torch.randn((self.batch, k, cfg.latent_size, cfg.latent_size, cfg.latent_channels),
-                            generator=self.generator, device=self.device)
-        sample = samplers.euler if self.config.sampler == "euler" else samplers.few_step
-        x0 = sample(self._denoiser(block_acts), noise, self._sigmas(first), generator=self.generator)
+        block_acts = acts.to(self.device)[:, None].repeat(1, self.block)  # (B, k)
+        first = all(c == 0 for c in self.cache.counts)
+        x0 = self._sample_block(self.cache, block_acts, first)
         t2 = time.perf_counter()
         frames = self.tokenizer.decode(x0).cpu().numpy()  # (B, k, H, W, 3) uint8
         t3 = time.perf_counter()
-        self._pending = (x0, block_acts, worlds)
-        self.timing = {"refresh_ms": refresh_ms, "denoise_ms": (t2 - t1) * 1e3, "decode_ms": (t3 - t2) * 1e3,
-                       "total_ms": (t3 - t0) * 1e3,
+        self._pending = (x0, block_acts)
+        self.timing = {"refresh_ms": refresh_ms, "denoise_ms": (t2 - t1) * 1e3,
+                       "decode_ms": (t3 - t2) * 1e3, "total_ms": (t3 - t0) * 1e3,
                        "steps": self.first_frame_steps if first else self.steps}
-        self._buffer = [frames[:, j] for j in range(1, k)]
-        return frames[:, 0], x0[:, -1]
+        self._buffer = [(frames[:, j], x0[:, j]) for j in range(1, self.block)]
+        return frames[:, 0], x0[:, 0]
 
-    def _seed_context(self, context, actions, rows: list[int]):
-        """Encode real frames and write them into the cache of worlds ``rows``."""
+    def _context(self, context, actions) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """Context frames as uint8 (B, T, H, W, 3) at model size and actions (B, T), or None."""
+        if context is None:
+            return None, None
         h, w, _ = self.frame_shape
         if isinstance(context, (str, Path)):
             img = cv2.imread(str(context), cv2.IMREAD_COLOR)
@@ -260,13 +281,15 @@ class Engine:
         t = ctx.shape[1]
         acts = np.full((self.batch, t), -1, np.int64) if actions is None else np.array(
             np.broadcast_to(np.asarray(actions, np.int64), (self.batch, t)))
-        keep = t - t % self.block if t >= self.block else 0  # whole blocks only, newest kept
+        keep = t - t % self.block  # whole blocks only, newest kept
         if keep == 0:
             raise ValueError(f"context needs at least {self.block} frames for this chunk-wise model")
-        ctx, acts = ctx[:, t - keep:], acts[:, t - keep:]
-        latents = self.tokenizer.encode(torch.from_numpy(np.ascontiguousarray(ctx)).to(self.device))
-        acts_t = torch.from_numpy(np.ascontiguousarray(acts)).to(self.device)
-        for s in range(0, keep, self.block):
-            self.dit.refresh(latents[:, s:s + self.block], acts_t[:, s:s + self.block], self.cache,
-                             worlds=rows)
-        return np.ascontiguousarray(ctx[:, -1]), latents[:, -1]
+        return np.ascontiguousarray(ctx[:, t - keep:]), acts[:, t - keep:]
+
+    def _seed_context(self, cache, ctx: np.ndarray, acts: np.ndarray):
+        """Encode real frames (b, T, H, W, 3) and write them into ``cache``; last frame + latents."""
+        latents = self.tokenizer.encode(torch.from_numpy(ctx).to(self.device))
+        acts_t = torch.from_numpy(acts).to(self.device)
+        for s in range(0, ctx.shape[1], self.block):
+            self.dit.refresh(latents[:, s:s + self.block], acts_t[:, s:s + self.block], cache)
+        return ctx[:, -1].copy(), latents[:, -1]

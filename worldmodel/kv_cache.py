@@ -15,6 +15,8 @@ at attention time from ``layout()``; the spatial rotation, which never changes, 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -65,6 +67,19 @@ class KVCache:
             self.slot_frame[b] = [-1] * self.slots
             self.counts[b] = 0
 
+    @contextmanager
+    def row(self, world: int) -> Iterator["KVCache"]:
+        """A batch-1 cache sharing world ``world``'s storage, to run the model on that world alone
+        (e.g. re-seeding it after an autoreset) without computing the others."""
+        view = object.__new__(KVCache)
+        view.__dict__.update(self.__dict__)
+        view.k, view.v = self.k[:, world:world + 1], self.v[:, world:world + 1]  # views, not copies
+        view.batch, view.slot_frame, view.counts = 1, [self.slot_frame[world]], [self.counts[world]]
+        try:
+            yield view
+        finally:
+            self.slot_frame[world], self.counts[world] = view.slot_frame[0], view.counts[0]
+
     def slot_of(self, frame: int) -> int:
         if frame < self.slots:
             return frame
@@ -93,28 +108,26 @@ class KVCache:
         n = layout.valid_slots * self.tokens_per_frame
         return self.k[layer, :, :, :n], self.v[layer, :, :, :n]
 
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor,
-              worlds: list[int] | None = None) -> None:
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store a block's clean K/V (B, H, F * P, D) at each world's next frame slots.
 
-        ``worlds``: only these batch rows are stored (default all). Does not advance the counts:
-        call ``advance(F, worlds)`` once after all layers are written.
+        Does not advance the counts: call ``advance(F)`` once after all layers are written.
         """
         p = self.tokens_per_frame
         for j in range(k.shape[2] // p):
             src = slice(j * p, (j + 1) * p)
-            if worlds is None and len(set(self.counts)) == 1:
+            if len(set(self.counts)) == 1:
                 s = self.slot_of(self.counts[0] + j)
                 self.k[layer, :, :, s * p:(s + 1) * p] = k[:, :, src]
                 self.v[layer, :, :, s * p:(s + 1) * p] = v[:, :, src]
                 continue
-            for b in range(self.batch) if worlds is None else worlds:
+            for b in range(self.batch):
                 s = self.slot_of(self.counts[b] + j)
                 self.k[layer, b, :, s * p:(s + 1) * p] = k[b, :, src]
                 self.v[layer, b, :, s * p:(s + 1) * p] = v[b, :, src]
 
-    def advance(self, block_frames: int, worlds: list[int] | None = None) -> None:
-        for b in range(self.batch) if worlds is None else worlds:
+    def advance(self, block_frames: int) -> None:
+        for b in range(self.batch):
             for j in range(block_frames):
                 self.slot_frame[b][self.slot_of(self.counts[b] + j)] = self.counts[b] + j
             self.counts[b] += block_frames
