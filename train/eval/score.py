@@ -29,7 +29,8 @@ from worldmodel.checkpoint import World
 
 DRIFT_RANGE_MARGIN = 0.1      # real [p0.5, p99.5] range widened by this fraction on each side
 DRIFT_OUT_OF_RANGE = 0.1      # flag when more than this fraction of frames leave the range
-FLAT_STD = 1.0                # levels: a frame whose pixels vary less than this is flat
+FLAT_STD = 1.0                # levels: a frame whose pixels vary less than this is flat, whatever the data
+FLAT_FRACTION = 0.2           # ... or less than this fraction of the least contrasted real frames (p0.5)
 
 
 @dataclass
@@ -89,7 +90,13 @@ def random_actions(n: int, num_actions: int, seed: int, hold: tuple[int, int] = 
 
 
 def drift(frames: np.ndarray, ref: Reference) -> dict:
-    """Frame statistics of a long rollout against the real data's range (see the flags)."""
+    """Frame statistics of a long rollout against the real data's range. Flags:
+    out_of_range: more than 10% of the frames have a pixel mean or spatial std outside the real
+        frames' [p0.5, p99.5] range widened by 10% (+1 level);
+    frozen: in the second half, consecutive near-duplicates (no pixel moved more than 24 levels)
+        are more frequent than max(2x, +0.2) the real data's rate (games have static stretches);
+    flat: the median spatial std of the last 10% of frames is below max(1 level, 0.2 x the real
+        p0.5 std): the picture collapsed to (nearly) one colour."""
     m, s = M.frame_stats(frames)
     (mlo, mhi), (slo, shi) = ref.mean_range, ref.std_range
     dm, ds = DRIFT_RANGE_MARGIN * (mhi - mlo) + 1.0, DRIFT_RANGE_MARGIN * (shi - slo) + 1.0
@@ -113,7 +120,7 @@ def drift(frames: np.ndarray, ref: Reference) -> dict:
         "flags": {
             "out_of_range": bool(outside.mean() > DRIFT_OUT_OF_RANGE),
             "frozen": bool(tail_dup > max(2 * real_dup, real_dup + 0.2)),
-            "flat": bool(final_std < max(FLAT_STD, 0.5 * slo)),
+            "flat": bool(final_std < max(FLAT_STD, FLAT_FRACTION * slo)),
         },
     }
 

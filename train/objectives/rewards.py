@@ -4,7 +4,7 @@ cached tokenizer latents of recorded episodes.
 Each clip [B, T] gives T-1 transitions: (latents t-1, latents t, action t) -> sign of reward t in
 {-1, 0, +1} (class 0, 1, 2) and terminated t. Both targets are rare (Breakout under random play:
 a reward in ~1% of transitions, an end in ~0.4%), so a plain mean loss learns "always 0, never
-ends". Two class-balancing schemes, `balance`:
+ends". Two class-balancing schemes (`balance`; `none` turns balancing off):
 
   oversample (default): BALANCED SAMPLING. The loop draws clips uniformly, so the stage keeps a
       reservoir sample (`RareMemory`) of every rare transition it has seen, per kind (negative
@@ -13,11 +13,13 @@ ends". Two class-balancing schemes, `balance`:
   inverse_frequency: loss weights 1 / (K p_k), p_k from the running label counts (+ `prior`
       pseudo-counts so an unseen class has a finite weight), capped at `max_weight`.
 
-Measured on Breakout (random play, 120 training episodes = 30k transitions with 232 rewards and
-120 ends, proxy latents, 1500 steps of 128; held-out = 20k transitions): oversample reached a
-reward balanced accuracy of 0.75 and an end balanced accuracy of 0.77; inverse_frequency 0.55
-and 0.48 (one or two rare samples with weights of 40-125 dominate each step's gradient: noisy
-and over-fitted); no balancing 0.50 / 0.50 (never predicts a reward or an end).
+Measured on Breakout (random play; 400 training episodes = 100k transitions with 782 rewards
+and 400 ends; proxy latents = frames at 32x32 folded to 8x8x48; 2000 steps of 128 transitions,
+grad clip 1; held-out: the last 81 episodes, 20k transitions): oversample reached a reward
+balanced accuracy of 0.95 (nonzero recall 0.91, precision 0.93) and an end balanced accuracy of
+0.88 (recall 0.95; precision only 0.02: losing the last life looks like losing any life);
+inverse_frequency 0.50 / 0.50 (0.53 / 0.50 without the clip: one or two samples weighted 40-125
+dominate each step's gradient), no balancing 0.50 / 0.50 (never predicts a reward or an end).
 
 The label counts and the memory are part of the checkpoint (`state_dict`); under DDP each rank
 keeps its own (they describe the same data after a few hundred batches), and a resume restores
