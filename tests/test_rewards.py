@@ -81,15 +81,17 @@ def rule_batch(g: torch.Generator, b: int = 64) -> TensorDict:
     rewards[:, 1] = (acts[:, 1] == 1).float() - (acts[:, 1] == 2).float()
     term = torch.zeros(b, 2, dtype=torch.bool)
     term[:, 1] = lat[:, 1, ..., 0].mean(dim=(1, 2)) > 0.41
-    return TensorDict({"latents": lat, "actions": acts, "rewards": rewards, "terminated": term}, batch_size=[b, 2])
+    return TensorDict({"latents": lat, "actions": acts, "rewards": rewards, "terminated": term},
+                      batch_size=[b, 2])
 
 
 def make_objective(tmp_path: Path, hidden: int = 16, **cfg) -> RewardsObjective:
     tok = tmp_path / "tok"
     tok.mkdir(exist_ok=True)
     (tok / "tokenizer.json").write_text(json.dumps({"config": {"latent_size": 4, "latent_channels": 4}}))
-    ctx = TrainContext(device=torch.device("cpu"), dtype=torch.float32, rank=0, world_size=1, run_dir=tmp_path,
-                       init_from=None, model={}, seed=0, extra={"action_names": ["a", "b", "c", "d"]})
+    ctx = TrainContext(device=torch.device("cpu"), dtype=torch.float32, rank=0, world_size=1,
+                       run_dir=tmp_path, init_from=None, model={}, seed=0,
+                       extra={"action_names": ["a", "b", "c", "d"]})
     return RewardsObjective(RewardsConfig(tokenizer=str(tok), hidden=hidden, eval_batches=16, **cfg), ctx)
 
 
@@ -145,7 +147,8 @@ def test_rewards_stage_on_synthetic_data_says_what_it_needs(tmp_path: Path) -> N
 
 def write_rewarded_dataset(root: Path, episodes: int = 3, length: int = 24) -> None:
     for e in range(episodes):
-        with EpisodeWriter(root, {"game": "toy", "action_names": ["noop", "left", "right"]}, (32, 32, 3)) as w:
+        meta = {"game": "toy", "action_names": ["noop", "left", "right"]}
+        with EpisodeWriter(root, meta, (32, 32, 3)) as w:
             for t in range(length):
                 frame = np.zeros((32, 32, 3), np.uint8)
                 frame[4 + t % 20:8 + t % 20, 10 + e:14 + e] = 255
@@ -157,7 +160,8 @@ def test_rewards_stage_runs_through_the_loop_and_exports(tmp_path: Path) -> None
     data = tmp_path / "data"
     write_rewarded_dataset(data)
     common = [f"data={data}", "model=tiny", f"runs_root={tmp_path / 'runs'}", "progress=false", "device=cpu"]
-    assert train_main(["stage=tokenizer", "steps=1", "data.batch_size=4", "stage.norm_batches=1", *common]) == 0
+    assert train_main(["stage=tokenizer", "steps=1", "data.batch_size=4", "stage.norm_batches=1",
+                       *common]) == 0
     assert train_main(["stage=rewards", "steps=3", "data.batch_size=4", "data.clip_len=4", "stage.hidden=16",
                        "stage.eval_batches=2", "eval_every=3", *common]) == 0
     export = tmp_path / "runs" / "rewards" / "export"

@@ -101,9 +101,11 @@ def parse_args(argv: list[str]) -> EvalConfig:
         except ValueError:
             raise UsageError(f"bad value for {key}: {value!r}") from None
     if not cfg.checkpoints:
-        raise UsageError("no checkpoint given: pass checkpoint=<world.safetensors> (or checkpoints=[a,b,...])")
+        raise UsageError("no checkpoint given: pass checkpoint=<world.safetensors> "
+                         "(or checkpoints=[a,b,...])")
     if not cfg.data:
-        raise UsageError("no dataset given: pass data=<dataset dir> (a directory written by `python -m record`)")
+        raise UsageError("no dataset given: pass data=<dataset dir> "
+                         "(a directory written by `python -m record`)")
     if not cfg.horizons or min(cfg.horizons) < 1:
         raise UsageError(f"horizons must be positive frame counts, got {cfg.horizons}")
     cfg.horizons = sorted(set(cfg.horizons))
@@ -112,7 +114,8 @@ def parse_args(argv: list[str]) -> EvalConfig:
     for key in PER_CHECKPOINT:
         n = len(getattr(cfg, key))
         if n not in (0, 1, len(cfg.checkpoints)):
-            raise UsageError(f"{key} has {n} values for {len(cfg.checkpoints)} checkpoints: give one, or one each")
+            raise UsageError(f"{key} has {n} values for {len(cfg.checkpoints)} checkpoints: "
+                             "give one, or one each")
     if any(s not in ("few_step", "euler") for s in cfg.sampler):
         raise UsageError(f"sampler must be few_step or euler, got {cfg.sampler}")
     if any(p not in PROTOCOLS for p in cfg.protocol):
@@ -175,8 +178,8 @@ def evaluate(cfg: EvalConfig) -> Path:
     if device == "cpu":
         torch.set_flush_denormal(True)  # as training does: denormal floats make CPU convs crawl
     if not Path(cfg.data).is_dir():
-        raise UsageError(f"dataset directory {cfg.data} does not exist: record one with `python -m record collect "
-                         f"...`, or fix data=<dataset dir>")
+        raise UsageError(f"dataset directory {cfg.data} does not exist: record one with "
+                         f"`python -m record collect ...`, or fix data=<dataset dir>")
     configs = [read_config(p) for p in cfg.checkpoints]  # missing/damaged files fail here, before any work
     names = cfg.names or default_names(cfg.checkpoints)
     if len(set(names)) != len(names):
@@ -243,8 +246,9 @@ def evaluate(cfg: EvalConfig) -> Path:
         report.horizon_plots({name: m}, target)
         results[name] = m
         rows.append(report.table_row(name, m))
-        print(f"evaluate: {name}: PSNR@{cfg.horizons[0]} {m['fidelity'][str(cfg.horizons[0])]['psnr']:.2f} dB, "
-              f"{m['seconds']:.1f} s", file=sys.stderr)
+        h = str(cfg.horizons[0])
+        print(f"evaluate: {name}: PSNR@{h} {m['fidelity'][h]['psnr']:.2f} dB, {m['seconds']:.1f} s",
+              file=sys.stderr)
     if multi:
         report.horizon_plots(results, out)
     report.write_json(out / "table.json", {"rows": rows, "horizons": cfg.horizons,

@@ -24,7 +24,8 @@ SSIM_C1, SSIM_C2 = (0.01 * PEAK) ** 2, (0.03 * PEAK) ** 2
 def _pair(a, b) -> tuple[np.ndarray, np.ndarray]:
     a, b = np.asarray(a), np.asarray(b)
     if a.shape != b.shape or a.ndim < 3 or a.shape[-1] != 3:
-        raise ValueError(f"expected two frame arrays (..., H, W, 3) of one shape, got {a.shape} and {b.shape}")
+        raise ValueError(f"expected two frame arrays (..., H, W, 3) of one shape, got {a.shape} and "
+                         f"{b.shape}")
     return a.astype(np.float64), b.astype(np.float64)
 
 

@@ -42,7 +42,8 @@ class InverseDynamics(nn.Module):
         # a full-resolution stem would cost 10x more for a probe that must train in minutes on a CPU.
         layers: list[nn.Module] = []
         c_in, c, side = 9, cfg.width, cfg.resolution
-        while side > 4:  # down to 4x4, then a linear layer: where a sprite moved matters, so no global pooling
+        # Down to 4x4, then a linear layer: where a sprite moved matters, so no global pooling.
+        while side > 4:
             layers += [nn.Conv2d(c_in, c, 3, stride=2, padding=1), nn.GroupNorm(min(8, c // 4), c), nn.SiLU()]
             c_in, c, side = c, min(2 * c, 4 * cfg.width), (side + 1) // 2
         self.features = nn.Sequential(*layers)

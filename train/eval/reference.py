@@ -60,8 +60,9 @@ def is_duplicate(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def dataset_key(dirs: list[Path], resolution: int, probe: ProbeConfig) -> str:
     """sha256 (16 hex digits) of every episode file's bytes plus what the reference depends on."""
-    h = hashlib.sha256(json.dumps({"version": VERSION, "resolution": resolution, "held_out": HELD_OUT_FRACTION,
-                                   "duplicate": DUPLICATE_LEVEL, "probe": probe.to_dict()}).encode())
+    h = hashlib.sha256(json.dumps({"version": VERSION, "resolution": resolution,
+                                   "held_out": HELD_OUT_FRACTION, "duplicate": DUPLICATE_LEVEL,
+                                   "probe": probe.to_dict()}).encode())
     for d in sorted(dirs):
         for f in sorted(p for p in d.iterdir() if p.is_file() and not p.name.startswith(".")):
             h.update(f"{d.name}/{f.name}".encode())
@@ -97,7 +98,8 @@ def build_reference(dataset: Dataset, train_dirs: list[Path], resolution: int, p
             dups.append(is_duplicate(f[1:], f[:-1]))
         valid = np.flatnonzero(ep.actions[1:] >= 0) + 1  # pair (i-1, i) needs a known action i
         if valid.size:
-            take = valid[np.unique(np.linspace(0, valid.size - 1, min(per_episode, valid.size)).round().astype(int))]
+            spread = np.linspace(0, valid.size - 1, min(per_episode, valid.size)).round().astype(int)
+            take = valid[np.unique(spread)]
             prev.append(f[take - 1]), cur.append(f[take]), acts.append(ep.actions[take])
     if n == 0 or not acts:
         raise UsageError(f"the training episodes of {dataset.root} hold no readable frames with actions; "

@@ -74,7 +74,8 @@ def markdown_table(rows: list[dict], horizons: list[int]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["name"], f"{r['sampler']} {r['steps']}"]
-        cells += [f"{_fmt(r[f'psnr@{h}'])} ({_fmt(r[f'repeat@{h}'])} / {_fmt(r[f'mean@{h}'])})" for h in horizons]
+        cells += [f"{_fmt(r[f'psnr@{h}'])} ({_fmt(r[f'repeat@{h}'])} / {_fmt(r[f'mean@{h}'])})"
+                  for h in horizons]
         cells += [f"{_fmt(r[f'dyn@{h}'])} ({_fmt(r[f'dyn_repeat@{h}'])})" for h in horizons]
         cells += [_fmt(r[f"dpsnr@{h}"], 2) for h in horizons]
         cells += [_fmt(r[f"ssim@{horizons[-1]}"], 3),
@@ -82,7 +83,8 @@ def markdown_table(rows: list[dict], horizons: list[int]) -> str:
                   r["drift"], _fmt(r["first_frame_ms"]), _fmt(r["frame_ms"])]
         lines.append("| " + " | ".join(cells) + " |")
     notes = ("\nPSNR/SSIM on uint8 frames at model resolution, mean over held-out clips, frame `anchor + h` "
-             "after real context. repeat = last context frame repeated; mean = the training data's mean frame; "
+             "after real context. repeat = last context frame repeated; mean = the training data's "
+             "mean frame; "
              "dyn = only pixels where the real frame differs from the last context frame; ΔPSNR = PSNR with "
              "the recorded actions minus PSNR with them shuffled in time (same context and noise); probe = "
              "inverse-dynamics accuracy on generated pairs / on the real pairs at the same positions "
@@ -94,7 +96,8 @@ def markdown_table(rows: list[dict], horizons: list[int]) -> str:
 
 
 def line_plot(series: dict[str, tuple[list[float], list[float]]], path: Path, title: str, ylabel: str,
-              size: tuple[int, int] = (720, 480), log2_x: bool = True, styles: dict[str, str] | None = None) -> None:
+              size: tuple[int, int] = (720, 480), log2_x: bool = True,
+              styles: dict[str, str] | None = None) -> None:
     """A line chart with markers, axes, ticks and a legend, drawn with cv2. x values on a log2
     scale (horizons 1, 4, 16, 64 are evenly spaced). ``styles[name] = "dashed"`` draws a thin
     grey-ish dashed line (baselines)."""
@@ -123,8 +126,8 @@ def line_plot(series: dict[str, tuple[list[float], list[float]]], path: Path, ti
         cv2.line(img, (px(x), H - bottom), (px(x), H - bottom + 5), (0, 0, 0), 1)
         cv2.putText(img, f"{x:g}", (px(x) - 8, H - bottom + 20), font, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
     cv2.putText(img, title, (left, 25), font, 0.6, (0, 0, 0), 1, cv2.LINE_AA)
-    cv2.putText(img, "horizon (frames)", (left + (W - left - right) // 2 - 60, H - 12), font, 0.5, (0, 0, 0), 1,
-                cv2.LINE_AA)
+    cv2.putText(img, "horizon (frames)", (left + (W - left - right) // 2 - 60, H - 12), font, 0.5,
+                (0, 0, 0), 1, cv2.LINE_AA)
     cv2.putText(img, ylabel, (5, top - 10), font, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
     styles = styles or {}
     for i, (name, (sx, sy)) in enumerate(series.items()):
@@ -154,8 +157,9 @@ def horizon_plots(results: dict[str, dict], out: Path) -> list[Path]:
     first = next(iter(results.values()))
     hs = [int(h) for h in first["fidelity"]]
     paths = []
-    for key, fname, title in (("psnr", "psnr_vs_horizon.png", "PSNR vs horizon"),
-                              ("psnr_dynamic", "psnr_dynamic_vs_horizon.png", "dynamic-region PSNR vs horizon")):
+    for key, fname, title in (
+            ("psnr", "psnr_vs_horizon.png", "PSNR vs horizon"),
+            ("psnr_dynamic", "psnr_dynamic_vs_horizon.png", "dynamic-region PSNR vs horizon")):
         series = {name: (hs, [m["fidelity"][str(h)][key] for h in hs]) for name, m in results.items()}
         series["repeat last"] = (hs, [first["fidelity"][str(h)]["repeat_last"][key] for h in hs])
         series["mean frame"] = (hs, [first["fidelity"][str(h)]["mean_frame"][key] for h in hs])

@@ -20,7 +20,6 @@ the actions and nothing else.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -50,12 +49,6 @@ def engine_context(world: World, config: EngineConfig) -> int:
         window = world.dit.cfg.train_frames - sink - k
         window -= window % k
     return sink + window
-
-
-@dataclass
-class Timing:
-    first_frame_ms: float   # the first frame from an empty state (the first-frame step list)
-    frame_ms: float         # one frame in steady state, everything included (refresh, decode)
 
 
 class EngineRollout:

@@ -61,8 +61,8 @@ def _scores(pred: np.ndarray, real: np.ndarray, mask: np.ndarray) -> dict:
             "psnr_dynamic": M.mean_db(M.masked_psnr(pred, real, mask))}
 
 
-def fidelity(clips: Clips, generated: np.ndarray, shuffled: np.ndarray, ref: Reference,
-             horizons: list[int], recon: Callable[[np.ndarray], np.ndarray] | None = None) -> tuple[dict, dict]:
+def fidelity(clips: Clips, generated: np.ndarray, shuffled: np.ndarray, ref: Reference, horizons: list[int],
+             recon: Callable[[np.ndarray], np.ndarray] | None = None) -> tuple[dict, dict]:
     """Per-horizon scores of the model and baselines, and the Δ-PSNR per horizon."""
     out, delta = {}, {}
     last = clips.last_context
@@ -155,8 +155,10 @@ def reward_scores(world: World, pieces: list[Episode], device: torch.device) -> 
             lat = torch.cat([tok.encode(torch.from_numpy(ep.frames[i:i + 256]).to(device))
                              for i in range(0, len(ep), 256)]).float()
             r, e = heads(lat[:-1], lat[1:], torch.from_numpy(ep.actions[1:]).to(device))
-        logits.append(r.cpu()), ends.append(e.cpu())
-        labels.append(sign_classes(torch.from_numpy(ep.rewards[1:]))), done.append(torch.from_numpy(ep.terminated[1:]))
+        logits.append(r.cpu())
+        ends.append(e.cpu())
+        labels.append(sign_classes(torch.from_numpy(ep.rewards[1:])))
+        done.append(torch.from_numpy(ep.terminated[1:]))
     if not logits:
         return None
     return classification_metrics(torch.cat(logits), torch.cat(ends), torch.cat(labels), torch.cat(done))
@@ -172,9 +174,9 @@ def score(world: World, ro: EngineRollout | JointRollout, clips: Clips, ref: Ref
     tok = world.tokenizer
 
     def recon(frames: np.ndarray) -> np.ndarray:
-        dev = next(tok.parameters()).device
+        x = torch.from_numpy(np.ascontiguousarray(frames)).to(next(tok.parameters()).device)
         with torch.no_grad():
-            return tok.decode(tok.encode(torch.from_numpy(np.ascontiguousarray(frames)).to(dev))).cpu().numpy()
+            return tok.decode(tok.encode(x)).cpu().numpy()
 
     fid, delta = fidelity(clips, generated, shuffled, ref, horizons, recon)
 

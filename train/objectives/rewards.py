@@ -54,6 +54,7 @@ from worldmodel.reward import REWARD_VALUES, RewardConfig, RewardHeads
 
 WEIGHTS, CONFIG, WORLD = "reward.safetensors", "reward.json", "world.safetensors"
 BALANCE = ("oversample", "inverse_frequency", "none")
+SHORT_CLIPS = "stage rewards needs clips of 2 frames or more (a transition): set data.clip_len >= 2"
 
 
 @dataclass
@@ -149,11 +150,11 @@ def transitions(batch: TensorDict) -> tuple[torch.Tensor, ...]:
     """Clips [B, T] -> flattened transitions: prev, cur latents, action, reward class, terminated."""
     missing = [k for k in ("latents", "rewards", "terminated") if k not in batch.keys()]
     if missing:
-        raise UsageError(f"stage rewards needs recorded rewards and episode ends in tokenizer latents; the data "
-                         f"has no {missing}. Use a dataset recorded by `python -m record` (data=<dir>) with "
-                         f"data.latents=true, not data=synthetic")
+        raise UsageError(f"stage rewards needs recorded rewards and episode ends in tokenizer latents; the "
+                         f"data has no {missing}. Use a dataset recorded by `python -m record` (data=<dir>) "
+                         f"with data.latents=true, not data=synthetic")
     if batch["latents"].shape[1] < 2:
-        raise UsageError("stage rewards needs clips of 2 frames or more (a transition): set data.clip_len >= 2")
+        raise UsageError(SHORT_CLIPS)
     lat = batch["latents"].float()
     flat = lambda x: x.reshape(-1, *x.shape[2:])  # noqa: E731
     return (flat(lat[:, :-1]), flat(lat[:, 1:]), flat(batch["actions"][:, 1:]).long(),
@@ -186,7 +187,8 @@ class RareMemory:
                 if slot >= self.capacity:
                     continue
                 if kind not in self.data:
-                    self.data[kind] = {f: v.new_zeros((self.capacity, *v.shape[1:])) for f, v in batch.items()}
+                    self.data[kind] = {f: v.new_zeros((self.capacity, *v.shape[1:]))
+                                       for f, v in batch.items()}
                 for f, v in batch.items():
                     self.data[kind][f][slot] = v[i].detach()
 
@@ -203,7 +205,8 @@ class RareMemory:
         return tuple(torch.cat([p[f] for p in picks]) for f in self.FIELDS)
 
     def state_dict(self) -> dict:
-        return {"seen": dict(self.seen), "data": {k: {f: v.cpu() for f, v in d.items()} for k, d in self.data.items()}}
+        return {"seen": dict(self.seen),
+                "data": {k: {f: v.cpu() for f, v in d.items()} for k, d in self.data.items()}}
 
     def load_state_dict(self, state: dict, device: torch.device) -> None:
         self.seen = {k: int(v) for k, v in state["seen"].items()}
@@ -222,11 +225,12 @@ class RewardsObjective(Objective):
         if cfg.balance not in BALANCE:
             raise UsageError(f"stage.balance must be one of {BALANCE}, got {cfg.balance!r}")
         if cfg.clip_len < 2:
-            raise UsageError("stage rewards needs clips of 2 frames or more (a transition): set data.clip_len >= 2")
+            raise UsageError(SHORT_CLIPS)
         self.names = action_names(ctx, cfg.num_actions)
         self.tokenizer = tokenizer_dir(cfg, ctx.init_from)
         tok = json.loads((Path(self.tokenizer) / "tokenizer.json").read_text())["config"]
-        self.heads = RewardHeads(RewardConfig(latent_size=tok["latent_size"], latent_channels=tok["latent_channels"],
+        self.heads = RewardHeads(RewardConfig(latent_size=tok["latent_size"],
+                                              latent_channels=tok["latent_channels"],
                                               num_actions=len(self.names), hidden=cfg.hidden))
         self.reward_counts = torch.zeros(3, dtype=torch.float64)  # labels seen so far, per class
         self.end_counts = torch.zeros(2, dtype=torch.float64)
@@ -326,8 +330,8 @@ def save_reward_export(out_dir: Path, heads: RewardHeads, names: list[str], toke
 def load_reward_export(export_dir: str | Path) -> tuple[RewardHeads, dict]:
     export_dir = Path(export_dir)
     if not (export_dir / CONFIG).exists() or not (export_dir / WEIGHTS).exists():
-        raise CheckpointError(f"{export_dir} is not a rewards export (no {CONFIG} / {WEIGHTS}); train one with "
-                              f"`python -m train stage=rewards data=<dataset dir> ...`")
+        raise CheckpointError(f"{export_dir} is not a rewards export (no {CONFIG} / {WEIGHTS}); train one "
+                              f"with `python -m train stage=rewards data=<dataset dir> ...`")
     meta = json.loads((export_dir / CONFIG).read_text())
     heads = RewardHeads(RewardConfig(**meta["config"]))
     heads.load_state_dict(load_file(str(export_dir / WEIGHTS)))
@@ -351,8 +355,9 @@ def attach_rewards(world_path: str | Path, reward_export: str | Path, out: str |
     heads, meta = load_reward_export(reward_export)
     tc, rc = world.tokenizer.config, heads.cfg
     if (tc.latent_size, tc.latent_channels) != (rc.latent_size, rc.latent_channels):
-        raise CheckpointError(f"reward heads read {rc.latent_size}x{rc.latent_size}x{rc.latent_channels} latents, "
-                              f"the world {world_path} makes {tc.latent_size}x{tc.latent_size}x{tc.latent_channels}")
+        raise CheckpointError(f"reward heads read {rc.latent_size}x{rc.latent_size}x{rc.latent_channels} "
+                              f"latents, the world {world_path} makes "
+                              f"{tc.latent_size}x{tc.latent_size}x{tc.latent_channels}")
     if rc.num_actions != len(world.action_names):
         raise CheckpointError(f"reward heads know {rc.num_actions} actions, the world {world_path} has "
                               f"{len(world.action_names)} ({world.action_names})")
@@ -362,9 +367,9 @@ def attach_rewards(world_path: str | Path, reward_export: str | Path, out: str |
         own = dict(world.tokenizer.named_buffers())
         if any(not torch.allclose(stats[k].float(), own[k].float()) for k in ("latent_mean", "latent_std")
                if k in stats and k in own):
-            raise CheckpointError(f"the reward heads of {reward_export} were trained on latents of {tok_dir}, "
-                                  f"a different tokenizer than the world {world_path}'s; train them on the "
-                                  f"world's tokenizer (data.tokenizer=...)")
+            raise CheckpointError(f"the reward heads of {reward_export} were trained on latents of "
+                                  f"{tok_dir}, a different tokenizer than the world {world_path}'s; train "
+                                  f"them on the world's tokenizer (data.tokenizer=...)")
     dtype = _stored_dtype(world_path)
     world.reward = heads
     target = Path(out) if out is not None else world_path
