@@ -202,6 +202,15 @@ def test_evaluate_several_checkpoints_one_table(tiny: Path) -> None:
     assert "| student |" in table and "| teacher |" in table and "PSNR@4 (repeat / mean)" in table
 
 
+def test_single_episode_dataset_is_scored_with_a_warning(tiny: Path, capsys) -> None:
+    write_dataset(tiny / "one", episodes=1)
+    out = tiny / "one_out"
+    assert evaluate_main([f"checkpoint={tiny / 'world.safetensors'}", f"data={tiny / 'one'}", f"out={out}",
+                          *FAST]) == 0
+    assert "nothing is held out" in capsys.readouterr().err
+    assert json.loads((out / "metrics.json").read_text())["split"]["held_out_is_training"] is True
+
+
 @pytest.mark.parametrize("args, message", [
     (["checkpoint=no/such/world.safetensors", "data={data}"], "does not exist"),
     (["checkpoint={world}", "data=no/such/dir"], "dataset directory no/such/dir does not exist"),

@@ -148,7 +148,10 @@ def engine_config(world_engine: dict, cfg: EvalConfig, i: int, device: str) -> E
     d = {**world_engine, **{k: v for k, v in over.items() if v is not None}, "device": device}
     if cfg.dtype != "auto" or "dtype" not in world_engine:
         d["dtype"] = cfg.dtype
-    ec = EngineConfig.from_dict(d)
+    try:
+        ec = EngineConfig.from_dict(d)
+    except ValueError as e:
+        raise UsageError(f"checkpoint {i + 1}: {e}") from None
     if ec.sampler == "euler" and over["steps"] is not None:
         ec.first_frame_steps = ec.steps
     elif ec.sampler == "few_step" and ec.first_frame_steps not in diffusion.STEP_COUNTS:
@@ -237,6 +240,7 @@ def evaluate(cfg: EvalConfig) -> Path:
              "stage": world.info.get("stage"), **scored.metrics,
              "split": {"rule": f"last max(1, ceil({HELD_OUT_FRACTION} * n)) episodes by sorted id",
                        "held_out": [d.name for d in held_dirs], "training_episodes": len(train_dirs),
+                       "held_out_is_training": held_dirs == train_dirs,
                        "clips": sorted(set(clips.episode))},
              "reference": {"path": str(ref.path), "probe_pairs": ref.pairs, "frames": ref.frames},
              "seconds": time.perf_counter() - t0}

@@ -4,7 +4,8 @@ Split rule (deterministic, independent of any model): a dataset's episode direct
 name (episode ids sort by creation time, so this is recording order), are split into training
 episodes and held-out episodes = the LAST ``max(1, ceil(0.1 * n))`` of them. Training stages
 should skip the held-out ids (``split_ids(...)[1]``); evaluation reads only those, except for
-the model-independent reference (probe, mean frame), which is fitted on the training ids.
+the model-independent reference (probe, mean frame), which is fitted on the training ids. A
+single-episode dataset is not split (training uses it whole; evaluation warns and scores it).
 
 Evaluation clips: in each held-out episode (a contiguous piece of it, when a damaged chunk cut
 it in two), ``starts`` anchor frames are spread evenly over the frames that have ``context``
@@ -48,12 +49,20 @@ def open_dataset(path: str | Path) -> Dataset:
 
 
 def split_dirs(dataset: Dataset, fraction: float = HELD_OUT_FRACTION) -> tuple[list[Path], list[Path]]:
-    """(training episode dirs, held-out episode dirs) of a dataset; needs two episodes at least."""
+    """(training episode dirs, held-out episode dirs) of a dataset.
+
+    A dataset of ONE episode cannot be split, and training (train/data.py) then uses it whole;
+    evaluation scores it anyway, with a warning, fitting the probe on it too: numbers on training
+    data, better than none for a smoke run, not for a report."""
     dirs = {d.name: d for d in dataset.episode_dirs}
-    if len(dirs) < 2:
-        raise UsageError(f"dataset {dataset.root} has {len(dirs)} episode(s); evaluation holds out the last "
-                         f"{fraction:.0%} of episodes (at least one) and fits its probe on the rest, so it "
-                         f"needs two or more: record more with `python -m record collect ...`")
+    if not dirs:
+        raise UsageError(f"dataset directory {dataset.root} holds no episodes: record some with "
+                         f"`python -m record collect ...`")
+    if len(dirs) == 1:
+        print(f"warning: {dataset.root} has a single episode, so nothing is held out: evaluating on the "
+              f"episode training used; record more episodes for held-out numbers", file=sys.stderr)
+        only = list(dirs.values())
+        return only, only
     train, held = split_ids(list(dirs), fraction)
     return [dirs[i] for i in train], [dirs[i] for i in held]
 
