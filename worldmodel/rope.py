@@ -72,12 +72,21 @@ class Rope3D(torch.nn.Module):
         self.register_buffer("time_cos", tc, persistent=False)  # (max_frames, t)
         self.register_buffer("time_sin", ts, persistent=False)
         self.max_frames = max_frames
+        self._memo_key: tuple | None = None
+        self._memo: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _space_tables(self, frames: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(frames * P, h + w) tables, memoised: they are rebuilt only when the shape changes."""
+        key = (frames, dtype, self.space_cos.device)
+        if self._memo_key != key:
+            self._memo = (self.space_cos.repeat(frames, 1).to(dtype), self.space_sin.repeat(frames, 1).to(dtype))
+            self._memo_key = key
+        return self._memo
 
     def rotate_space(self, x: torch.Tensor, frames: int) -> torch.Tensor:
         """Rotate the spatial dims of ``x`` (B, H, frames * P, D); time dims untouched."""
         t = self.dims[0]
-        cos = self.space_cos.repeat(frames, 1).to(x.dtype)
-        sin = self.space_sin.repeat(frames, 1).to(x.dtype)
+        cos, sin = self._space_tables(frames, x.dtype)
         return torch.cat([x[..., :t], _rotate(x[..., t:], cos, sin)], dim=-1)
 
     def time_tables(self, positions: torch.Tensor, tokens_per_frame: int
