@@ -84,6 +84,7 @@ def save_world(path: str | os.PathLike, world: World, dtype: torch.dtype | None 
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=meta)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a shipped world must be readable by everyone
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
