@@ -23,15 +23,10 @@ from train.evaluate import main as evaluate_main
 from worldmodel.checkpoint import save_world
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread. With two, OpenMP's hand-offs cost more than these small ops (and
-    far more on a shared, busy machine); restored afterwards for the other tests."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 def test_psnr_known_values() -> None:
     a = np.full((2, 8, 8, 3), 100, np.uint8)

@@ -25,15 +25,10 @@ from worldmodel.checkpoint import save_world
 ROOT = Path(__file__).resolve().parents[1]
 NOOP, FIRE, RIGHT, LEFT = range(4)  # BREAKOUT's action ids
 # the test world has no reward heads on purpose (no predicted game-overs); its warning is expected
-pytestmark = pytest.mark.filterwarnings("ignore:world .* has no reward heads")
+pytestmark = [pytest.mark.filterwarnings("ignore:world .* has no reward heads"),
+              pytest.mark.usefixtures("one_thread")]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

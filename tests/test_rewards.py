@@ -23,15 +23,10 @@ from worldmodel.checkpoint import CheckpointError, load_world, save_world
 from worldmodel.reward import RewardConfig, RewardHeads
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread. With two, OpenMP's hand-offs cost more than these small ops (and
-    far more on a shared, busy machine); restored afterwards for the other tests."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 def test_inverse_frequency_weights_make_every_class_count_equally() -> None:
     counts = torch.tensor([10.0, 80.0, 10.0])

@@ -17,14 +17,10 @@ from tests.conftest import make_tiny_world
 from worldmodel.checkpoint import CheckpointError, save_world
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models are dominated by per-op overhead; one thread is faster and steadier on a busy CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
