@@ -23,9 +23,6 @@ from train.evaluate import main as evaluate_main
 from worldmodel.checkpoint import save_world
 
 
-
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 def test_psnr_known_values() -> None:

@@ -29,8 +29,6 @@ pytestmark = [pytest.mark.filterwarnings("ignore:world .* has no reward heads"),
               pytest.mark.usefixtures("one_thread")]
 
 
-
-
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     """A tiny random world that says it imitates Breakout, with Breakout's actions and keymap."""

@@ -23,9 +23,6 @@ from worldmodel.checkpoint import CheckpointError, load_world, save_world
 from worldmodel.reward import RewardConfig, RewardHeads
 
 
-
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 def test_inverse_frequency_weights_make_every_class_count_equally() -> None:

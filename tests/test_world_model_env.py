@@ -17,9 +17,6 @@ from tests.conftest import make_tiny_world
 from worldmodel.checkpoint import CheckpointError, save_world
 
 
-
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
