@@ -1,13 +1,11 @@
 """Distillation maths: the CD target by hand, DMD on a 2-D Gaussian mixture with closed-form scores."""
 
-import math
 
 import torch
 
 from tests.conftest import randomize
 from train.distill import (consistency_target, critic_flow_loss, dmd_gradient, dmd_loss,
                            dmd_noise_level, teacher_cfg_euler_step)
-from worldmodel import diffusion
 from worldmodel.dit import DiT, DiTConfig
 
 

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from record.writer import EpisodeWriter
 from tests.conftest import make_tiny_world

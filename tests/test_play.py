@@ -10,7 +10,6 @@ import gymnasium as gym
 import numpy as np
 import pygame
 import pytest
-import torch
 
 import envs  # noqa: F401  (registers WorldModel-v0)
 import play

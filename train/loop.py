@@ -31,7 +31,7 @@ from tqdm import tqdm
 from train import UsageError
 from train.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from train.data import build_data, clip_batches
-from train.distributed import (Dist, all_gather_object, barrier, full_state_dict, gather_full,
+from train.distributed import (all_gather_object, barrier, full_state_dict, gather_full,
                                init_distributed, load_like, mean_over_ranks, no_sync, pick_dtype, wrap)
 from train.ema import EMA
 from train.metrics import MetricsLog, plot_metrics

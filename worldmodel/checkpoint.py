@@ -159,8 +159,4 @@ def load_world(path: str | os.PathLike, device: torch.device | str = "cpu",
     for m in (world.dit, world.tokenizer, world.reward):
         if m is not None:
             m.to(device=device, dtype=dtype).eval()
-    # latent statistics stay fp32 whatever the model dtype
-    for name, buf in world.tokenizer.named_buffers():
-        if "latent_" in name:
-            buf.data = buf.data.float()
-    return world
+    return world  # the tokenizer keeps its latent statistics fp32 itself (Tokenizer._apply)

