@@ -5,12 +5,19 @@ import json
 from pathlib import Path
 
 import gymnasium as gym
+import torch
+from safetensors import safe_open
 import numpy as np
 import pytest
 
 from record.__main__ import main as record_main
+from record.reader import Dataset
 from train.app import main as train_main
+from train.assemble import CONTEXT_CLIP_LEN
+from train.assemble import main as assemble_main
+from train.eval.split import split_dirs
 from train.evaluate import main as evaluate_main
+from worldmodel.checkpoint import load_world
 
 
 @pytest.mark.slow
@@ -23,6 +30,12 @@ def test_record_train_all_evaluate_play(tmp_path: Path) -> None:
     world = runs / "world.safetensors"
     timings = json.loads((runs / "pipeline_timings.json").read_text())
     assert set(timings) == {"tokenizer", "teacher", "ar", "causal_cd", "causal_ode", "dmd", "rewards"}
+    check_shippable(world, data)
+    # The standalone assembler makes the same world from the stage exports; bad input exits 2.
+    again = tmp_path / "again.safetensors"
+    assert assemble_main(["--runs-root", str(runs), "--data", str(data), "--out", str(again)]) == 0
+    assert torch.equal(load_world(again).context_frames, load_world(world).context_frames)
+    assert assemble_main(["--runs-root", str(tmp_path / "nowhere"), "--data", str(data)]) == 2
     out = tmp_path / "eval"
     assert evaluate_main([f"checkpoint={world}", f"data={data}", f"out={out}", "horizons=1,4",
                           "rollout=12", "probe_steps=10", "starts=2", "videos=1"]) == 0
@@ -34,3 +47,21 @@ def test_record_train_all_evaluate_play(tmp_path: Path) -> None:
     for _ in range(5):
         obs, reward, terminated, truncated, info = env.step(env.action_space.sample())
     assert truncated or terminated
+
+
+def check_shippable(world_path: Path, data: Path) -> None:
+    """bf16 weights, reward heads, and context frames that are real training frames, clip starts
+    marked with the null action."""
+    with safe_open(str(world_path), framework="pt") as f:
+        assert f.get_tensor(next(k for k in f.keys() if k.startswith("dit."))).dtype == torch.bfloat16
+    w = load_world(world_path)
+    assert w.reward is not None and w.info["game"] == "minigrid"
+    frames, actions = w.context_frames.numpy(), w.context_actions.numpy()
+    starts = np.flatnonzero(actions < 0)
+    assert len(frames) % CONTEXT_CLIP_LEN == 0 and list(starts) == list(range(0, len(frames), CONTEXT_CLIP_LEN))
+    dataset = Dataset(data)
+    train_dirs, _ = split_dirs(dataset)
+    real = np.concatenate([ep.frames for d in train_dirs for ep in dataset.read(d)])
+    for clip in np.split(frames, len(starts)):
+        hits = np.flatnonzero((real == clip[0]).all(axis=(1, 2, 3)))
+        assert any((real[i:i + len(clip)] == clip).all() for i in hits if i + len(clip) <= len(real))

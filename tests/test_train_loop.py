@@ -110,8 +110,9 @@ def test_known_gradient_alternation_and_ema(tmp_path: Path) -> None:
     assert torch.allclose(toy.gen.weight, torch.full((1, 3), 2 * lr), atol=1e-6)
     ck = load_checkpoint(latest_checkpoint(tmp_path / "run"))
     assert ck["counts"] == {"gen": 2, "critic": 10}
-    # EMA from update 1 on (ema_start=1): reset to w1 = lr, then one update towards w2 = 2 lr.
-    expect = 0.9 * lr + 0.1 * (2 * lr)
+    # EMA from update 1 on (ema_start=1): reset to w1 = lr, then one update towards w2 = 2 lr
+    # with the warm-up's first decay min(0.9, 1/10) = 0.1.
+    expect = 0.1 * lr + 0.9 * (2 * lr)
     assert torch.allclose(ck["ema"]["gen"]["shadow"]["weight"], torch.full((1, 3), expect), atol=1e-6)
     # The frozen network is checkpointed and untouched; the export carries the EMA weights.
     assert torch.equal(ck["networks"]["frozen"]["weight"], toy.frozen.weight.detach())
@@ -122,7 +123,7 @@ def test_known_gradient_alternation_and_ema(tmp_path: Path) -> None:
 
 def test_ema_matches_hand_computation() -> None:
     net = nn.Linear(2, 2)
-    ema = EMA(net, decay=0.75)
+    ema = EMA(net, decay=0.75, warmup=False)
     w0 = net.weight.detach().clone()
     with torch.no_grad():
         net.weight.add_(1.0)
@@ -133,6 +134,24 @@ def test_ema_matches_hand_computation() -> None:
     ema.update(net)
     expect = 0.75 * (0.75 * w0 + 0.25 * (w0 + 1.0)) + 0.25 * 2 * (w0 + 1.0)
     assert torch.allclose(ema.shadow["weight"], expect)
+
+
+def test_ema_warmup_decay_schedule_and_reset() -> None:
+    net = nn.Linear(1, 1, bias=False)
+    ema = EMA(net, decay=0.5)
+    w = [net.weight.item()]
+    expect = w[0]
+    for n in range(10):  # decays 1/10, 2/11, ... up to 9/18, then capped at 0.5
+        d = min(0.5, (1 + n) / (10 + n))
+        assert abs(ema.current_decay() - d) < 1e-12
+        with torch.no_grad():
+            net.weight.add_(1.0)
+        ema.update(net)
+        expect = d * expect + (1 - d) * float(net.weight)
+        assert abs(float(ema.shadow["weight"]) - expect) < 1e-5
+    assert ema.current_decay() == 0.5
+    ema.reset(net)
+    assert ema.updates == 0 and abs(ema.current_decay() - 0.1) < 1e-12
 
 
 def assert_same(a, b, path: str = "") -> None:
@@ -210,3 +229,14 @@ def test_two_process_ddp_and_fsdp_keep_ranks_identical(tmp_path: Path) -> None:
     # The critic moved: gradients flowed.
     assert not torch.equal(r0["ddp"]["checkpoint"]["critic"]["0.weight"],
                            r0["ddp"]["checkpoint"]["critic"]["0.weight"] * 0)
+
+
+def test_max_minutes_stops_exports_and_resumes(tmp_path: Path) -> None:
+    # A deadline already passed after the first step: checkpoint + export at step 1, not 6.
+    train(toy_cfg(tmp_path / "run", "steps=6", "max_minutes=1e-9", lr=0.01))
+    assert load_checkpoint(latest_checkpoint(tmp_path / "run"))["step"] == 1
+    assert (tmp_path / "run" / "export" / "toy.pt").exists()
+    # The same command without the deadline resumes from there and runs the remaining 5 steps.
+    train(toy_cfg(tmp_path / "run", "steps=6", lr=0.01))
+    assert [s for s, n in Toy.last.calls if n == "critic"] == [1, 2, 3, 4, 5]
+    assert load_checkpoint(latest_checkpoint(tmp_path / "run"))["step"] == 6

@@ -56,6 +56,8 @@ class LoopConfig:
     log_every: int = 10
     eval_every: int = 0           # 0 = no periodic evaluation
     progress: bool = True         # progress bar on rank 0
+    max_minutes: float = 0.0      # > 0: stop (checkpoint + export) after this long in this call;
+    #                               rerunning the same command resumes towards `steps`
 
 
 def train(cfg: DictConfig) -> Path:
@@ -115,6 +117,7 @@ def train(cfg: DictConfig) -> Path:
         for name, (_, _, ema) in emas.items():
             for k, v in ck["ema"][name]["shadow"].items():
                 load_like(ema.shadow[k], v)
+            ema.updates = int(ck["ema"][name].get("updates", 10**9))  # older checkpoints: warmed up
         counts.update(ck["counts"])
         objective.load_state_dict(ck["objective"])
         if len(ck["rng"]) == d.world_size:
@@ -140,7 +143,8 @@ def train(cfg: DictConfig) -> Path:
             "networks": {k: full_state_dict(v) for k, v in nets.items()},
             "optimizers": {k: optimizer_state(o, nets, specs[k]) for k, o in optims.items()},
             "scalers": {k: s.state_dict() for k, s in scalers.items()},
-            "ema": {k: {"decay": e.decay, "shadow": gather_full(e.shadow)} for k, (_, _, e) in emas.items()},
+            "ema": {k: {"decay": e.decay, "updates": e.updates, "shadow": gather_full(e.shadow)}
+                    for k, (_, _, e) in emas.items()},
             "counts": dict(counts),
             "objective": objective.state_dict(),
             "rng": all_gather_object(rng_state(), d),
@@ -157,6 +161,7 @@ def train(cfg: DictConfig) -> Path:
     sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=device))
     n_logs: dict[str, int] = defaultdict(int)
     samples, busy = 0, 0.0  # since the last log line; busy excludes evaluation and checkpoints
+    t_start = time.perf_counter()
     for step in range(start, lc.steps):
         t_step = time.perf_counter()
         for name in objective.updates(step):
@@ -195,8 +200,12 @@ def train(cfg: DictConfig) -> Path:
         done = step + 1
         busy += time.perf_counter() - t_step
         bar.update(1)
+        # Every rank must agree to stop, so the deadline is decided from the slowest rank's clock.
+        time_up = lc.max_minutes > 0 and mean_over_ranks(torch.tensor(
+            [float(time.perf_counter() - t_start > 60 * lc.max_minutes)], device=device), d).item() > 0
+        last_step = done == lc.steps or time_up
 
-        if done % lc.log_every == 0 or done == lc.steps:
+        if done % lc.log_every == 0 or last_step:
             keys = sorted(sums)
             values = mean_over_ranks(torch.stack([sums[k] / n_logs[k] for k in keys]), d).tolist()
             record = {"step": done, "time": time.time(), **dict(zip(keys, values)),
@@ -208,7 +217,7 @@ def train(cfg: DictConfig) -> Path:
                 log.write(record)
                 losses = {k.split("/")[0]: f"{v:.4g}" for k, v in record.items() if k.endswith("/loss")}
                 bar.set_postfix(**losses, sps=f"{record['samples_per_s']:.1f}")
-        if lc.eval_every and (done % lc.eval_every == 0 or done == lc.steps):
+        if lc.eval_every and (done % lc.eval_every == 0 or last_step):
             for net in wrapped.values():
                 net.eval()
             with torch.no_grad(), ctx.autocast():
@@ -218,8 +227,12 @@ def train(cfg: DictConfig) -> Path:
             if log is not None and metrics:
                 log.write({"step": done, **{f"eval/{k}": float(v) for k, v in metrics.items()}})
                 bar.write(f"step {done}: " + ", ".join(f"{k} {float(v):.4g}" for k, v in metrics.items()))
-        if done % lc.ckpt_every == 0 or done == lc.steps:
+        if done % lc.ckpt_every == 0 or last_step:
             checkpoint(done)
+        if time_up:
+            bar.write(f"max_minutes={lc.max_minutes:g} reached at step {done}/{lc.steps}: exporting; "
+                      f"rerun the same command to go on")
+            break
     bar.close()
 
     # ----- export (EMA weights where there is an EMA that has started) -----

@@ -19,22 +19,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from train import UsageError
+from train.assemble import assemble_world
 from train.objectives._dit import WORLD
-from worldmodel.checkpoint import load_world, save_world
 
 ORDER = ("tokenizer", "teacher", "ar", "causal_cd", "causal_ode", "dmd", "rewards")
-
-
-def dataset_info(path: str | None) -> dict:
-    """Game, fps and keymap from the first episode's metadata (what play.py needs of a world)."""
-    if not path:
-        return {}
-    metas = sorted(Path(path).glob("*/meta.json"))
-    if not metas:
-        return {}
-    meta = json.loads(metas[0].read_text())
-    return {k: meta[k] for k in ("game", "gym_id", "fps", "keymap") if k in meta}
 
 
 def stage_overrides(argv: list[str], name: str, cfg: DictConfig) -> list[str]:
@@ -65,18 +53,8 @@ def run_pipeline(argv: list[str], cfg: DictConfig, train_stage) -> Path:
         timings[name] = timings.get(name, 0.0) + time.perf_counter() - t0
         runs_root.mkdir(parents=True, exist_ok=True)
         timing_file.write_text(json.dumps(timings, indent=2))
-    dmd_world = run_dirs["dmd"] / "export" / WORLD
-    if not dmd_world.exists():
-        raise UsageError(f"the dmd stage left no world at {dmd_world}")
-    world = load_world(dmd_world)
-    if "rewards" in run_dirs:
-        from train.objectives.rewards import load_reward_export  # the rewards stage's own format
-
-        heads, _ = load_reward_export(run_dirs["rewards"] / "export")
-        world.reward = heads
-    world.info = {**world.info, **dataset_info(cfg.data.get("path")), "name": cfg.get("world_name")
-                  or Path(cfg.data.get("path") or "synthetic").name, "pipeline_seconds": timings}
-    out = runs_root / WORLD
-    save_world(out, world)
+    rewards = run_dirs["rewards"] / "export" if "rewards" in run_dirs else None
+    out = assemble_world(run_dirs["dmd"] / "export", runs_root / WORLD, cfg.data.get("path"), rewards,
+                         cfg.get("world_name"), timings)
     print(f"world: {out}")
     return out

@@ -345,21 +345,18 @@ def _stored_dtype(path: Path) -> torch.dtype:
         return f.get_tensor(key).dtype
 
 
-def attach_rewards(world_path: str | Path, reward_export: str | Path, out: str | Path | None = None) -> Path:
-    """Write the world at ``world_path`` with the reward heads of ``reward_export`` (a rewards
-    stage export dir) to ``out`` (default: rewrite ``world_path``, atomically). The heads must
-    fit the world: same latent shape and action count, and, where the export's tokenizer is
-    still on disk, the same tokenizer (heads read latents; another tokenizer's mean nothing)."""
-    world_path = Path(world_path)
-    world = load_world(world_path)
+def fitting_heads(world, reward_export: str | Path, world_name: str | Path) -> RewardHeads:
+    """The reward heads of ``reward_export`` (a rewards stage export dir), checked to fit ``world``:
+    same latent shape and action count, and, where the export's tokenizer is still on disk, the
+    same tokenizer (heads read latents; another tokenizer's mean nothing)."""
     heads, meta = load_reward_export(reward_export)
     tc, rc = world.tokenizer.config, heads.cfg
     if (tc.latent_size, tc.latent_channels) != (rc.latent_size, rc.latent_channels):
         raise CheckpointError(f"reward heads read {rc.latent_size}x{rc.latent_size}x{rc.latent_channels} "
-                              f"latents, the world {world_path} makes "
+                              f"latents, the world {world_name} makes "
                               f"{tc.latent_size}x{tc.latent_size}x{tc.latent_channels}")
     if rc.num_actions != len(world.action_names):
-        raise CheckpointError(f"reward heads know {rc.num_actions} actions, the world {world_path} has "
+        raise CheckpointError(f"reward heads know {rc.num_actions} actions, the world {world_name} has "
                               f"{len(world.action_names)} ({world.action_names})")
     tok_dir = Path(meta["tokenizer"]) if meta.get("tokenizer") else None
     if tok_dir is not None and (tok_dir / "tokenizer.safetensors").exists():
@@ -368,8 +365,17 @@ def attach_rewards(world_path: str | Path, reward_export: str | Path, out: str |
         if any(not torch.allclose(stats[k].float(), own[k].float()) for k in ("latent_mean", "latent_std")
                if k in stats and k in own):
             raise CheckpointError(f"the reward heads of {reward_export} were trained on latents of "
-                                  f"{tok_dir}, a different tokenizer than the world {world_path}'s; train "
+                                  f"{tok_dir}, a different tokenizer than the world {world_name}'s; train "
                                   f"them on the world's tokenizer (data.tokenizer=...)")
+    return heads
+
+
+def attach_rewards(world_path: str | Path, reward_export: str | Path, out: str | Path | None = None) -> Path:
+    """Write the world at ``world_path`` with the reward heads of ``reward_export`` (checked by
+    ``fitting_heads``) to ``out`` (default: rewrite ``world_path``, atomically)."""
+    world_path = Path(world_path)
+    world = load_world(world_path)
+    heads = fitting_heads(world, reward_export, world_path)
     dtype = _stored_dtype(world_path)
     world.reward = heads
     target = Path(out) if out is not None else world_path
