@@ -12,7 +12,7 @@ from pathlib import Path
 
 from worldmodel.checkpoint import CheckpointError
 
-DEFAULT_WORLD = "breakout"  # the first game the project trains on (DESIGN.md §5)
+DEFAULT_WORLD = "doom"  # the first-person ViZDoom world: `python play.py` opens it; --world breakout
 
 
 def worlds_dir() -> Path:

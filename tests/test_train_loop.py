@@ -236,7 +236,11 @@ def test_max_minutes_stops_exports_and_resumes(tmp_path: Path) -> None:
     train(toy_cfg(tmp_path / "run", "steps=6", "max_minutes=1e-9", lr=0.01))
     assert load_checkpoint(latest_checkpoint(tmp_path / "run"))["step"] == 1
     assert (tmp_path / "run" / "export" / "toy.pt").exists()
+    first = json.loads((tmp_path / "run" / "export" / "wallclock.json").read_text())
+    assert first["steps"] == 1 and first["seconds"] > 0
     # The same command without the deadline resumes from there and runs the remaining 5 steps.
     train(toy_cfg(tmp_path / "run", "steps=6", lr=0.01))
     assert [s for s, n in Toy.last.calls if n == "critic"] == [1, 2, 3, 4, 5]
     assert load_checkpoint(latest_checkpoint(tmp_path / "run"))["step"] == 6
+    total = json.loads((tmp_path / "run" / "export" / "wallclock.json").read_text())
+    assert total["steps"] == 6 and total["seconds"] > first["seconds"]  # summed over both calls

@@ -22,6 +22,7 @@ table.md, table.json and plot set for all. Bad input exits 2 with one line, no t
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from dataclasses import dataclass, field, fields
@@ -37,6 +38,7 @@ from train.eval.reference import load_reference
 from train.eval.rollout import PROTOCOLS, make_rollout, pick_protocol
 from train.eval.score import score
 from train.eval.split import HELD_OUT_FRACTION, held_out_clips, open_dataset, split_dirs
+from train.loop import WALLCLOCK
 from worldmodel import diffusion
 from worldmodel.checkpoint import CheckpointError, load_world, read_config
 from worldmodel.dit import DiTConfig
@@ -243,7 +245,7 @@ def evaluate(cfg: EvalConfig) -> Path:
                        "held_out_is_training": held_dirs == train_dirs,
                        "clips": sorted(set(clips.episode))},
              "reference": {"path": str(ref.path), "probe_pairs": ref.pairs, "frames": ref.frames},
-             "seconds": time.perf_counter() - t0}
+             "training": training_cost(path), "seconds": time.perf_counter() - t0}
         target = out / name if multi else out
         report.write_json(target / "metrics.json", m)
         write_samples(target / "samples", clips, scored, ro.context, world.action_names, cfg.videos)
@@ -259,6 +261,13 @@ def evaluate(cfg: EvalConfig) -> Path:
                                            "seconds": time.perf_counter() - t_start})
     (out / "table.md").write_text(report.markdown_table(rows, cfg.horizons))
     return out
+
+
+def training_cost(path: Path) -> dict | None:
+    """The stage's own training wall-clock, from the ``wallclock.json`` its export holds (None for a
+    world file outside a stage export, e.g. one assembled for shipping)."""
+    f = Path(path).parent / WALLCLOCK
+    return json.loads(f.read_text()) if f.is_file() else None
 
 
 def write_samples(out: Path, clips, scored, context: int, names: list[str], n: int) -> None:

@@ -10,6 +10,7 @@ never interrupted (bit-exact on CPU).
 
 from __future__ import annotations
 
+import json
 import random
 import shutil
 import time
@@ -36,6 +37,8 @@ from train.distributed import (all_gather_object, barrier, full_state_dict, gath
 from train.ema import EMA
 from train.metrics import MetricsLog, plot_metrics
 from train.objectives import EMASpec, Objective, OptimSpec, TrainContext, get_objective
+
+WALLCLOCK = "wallclock.json"  # in each export: {"steps": N, "seconds": S}
 
 EVAL_SEED_OFFSET = 7919  # evaluation/export batches come from their own stream, never the training one
 
@@ -104,11 +107,12 @@ def train(cfg: DictConfig) -> Path:
     counts: dict[str, int] = {k: 0 for k in specs}  # updates done per optimizer (warm-up, EMA start)
 
     # ----- resume -----
-    start = 0
+    start, wall_before = 0, 0.0
     ckpt_path = latest_checkpoint(run_dir)
     if ckpt_path is not None:
         ck = load_checkpoint(ckpt_path)
         start = ck["step"]
+        wall_before = float(ck.get("wall_seconds", 0.0))
         for name, net in nets.items():
             load_network(net, ck["networks"][name])
         for name, opt in optims.items():
@@ -140,6 +144,7 @@ def train(cfg: DictConfig) -> Path:
     def checkpoint(step: int) -> None:
         state = {
             "step": step,
+            "wall_seconds": wall_before + time.perf_counter() - t_start,
             "networks": {k: full_state_dict(v) for k, v in nets.items()},
             "optimizers": {k: optimizer_state(o, nets, specs[k]) for k, o in optims.items()},
             "scalers": {k: s.state_dict() for k, s in scalers.items()},
@@ -162,6 +167,7 @@ def train(cfg: DictConfig) -> Path:
     n_logs: dict[str, int] = defaultdict(int)
     samples, busy = 0, 0.0  # since the last log line; busy excludes evaluation and checkpoints
     t_start = time.perf_counter()
+    done = start
     for step in range(start, lc.steps):
         t_step = time.perf_counter()
         for name in objective.updates(step):
@@ -242,7 +248,8 @@ def train(cfg: DictConfig) -> Path:
         started = ema is not None and counts[ema[0]] >= ema[1].start_step
         final[name] = gather_full(ema[2].shadow) if started else full_state_dict(net)
     if d.rank == 0:
-        export(objective, final, eval_batches(), run_dir, cfg)
+        export(objective, final, eval_batches(), run_dir, cfg,
+               {"steps": done, "seconds": wall_before + time.perf_counter() - t_start})
         plot_metrics(log.read(), run_dir / "metrics.png")
     barrier(d)
     return run_dir
@@ -314,8 +321,12 @@ def load_network(net: nn.Module, state: dict[str, torch.Tensor]) -> None:
 
 
 def export(objective: Objective, weights: dict[str, dict[str, torch.Tensor]], batches: Any,
-           run_dir: Path, cfg: DictConfig) -> None:
-    """Let the objective write `<run_dir>/export`, atomically: into a temporary dir, then renamed."""
+           run_dir: Path, cfg: DictConfig, wallclock: dict) -> None:
+    """Let the objective write `<run_dir>/export`, atomically: into a temporary dir, then renamed.
+
+    ``wallclock.json`` beside the weights says how long the stage trained (seconds of its loop
+    summed over resumes, the objective's own data generation included, set-up excluded): the
+    evaluation table's training-cost column."""
     out, tmp = run_dir / "export", run_dir / ".export.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -324,6 +335,7 @@ def export(objective: Objective, weights: dict[str, dict[str, torch.Tensor]], ba
     with torch.no_grad():
         objective.export(tmp, weights, batches)
     OmegaConf.save(cfg, tmp / "train_config.yaml", resolve=True)
+    (tmp / WALLCLOCK).write_text(json.dumps(wallclock))
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     tqdm.write(f"exported {out}")

@@ -55,6 +55,9 @@ def table_row(name: str, m: dict) -> dict:
     row["drift"] = ",".join(flags) if flags else "ok"
     row["first_frame_ms"] = m["speed"]["first_frame_ms"]
     row["frame_ms"] = m["speed"]["frame_ms"]
+    training = m.get("training") or {}
+    row["train_min"] = training["seconds"] / 60 if "seconds" in training else None
+    row["train_steps"] = training.get("steps")
     return row
 
 
@@ -70,7 +73,8 @@ def markdown_table(rows: list[dict], horizons: list[int]) -> str:
     """PSNR@h as `model (repeat / mean)`, dynamic PSNR@h as `model (repeat)`, in dB."""
     head = (["checkpoint", "sampler"] + [f"PSNR@{h} (repeat / mean)" for h in horizons]
             + [f"dyn PSNR@{h} (repeat)" for h in horizons] + [f"ΔPSNR@{h}" for h in horizons]
-            + ["SSIM@" + str(horizons[-1]), "probe acc gen/real", "drift", "first-frame ms", "frame ms"])
+            + ["SSIM@" + str(horizons[-1]), "probe acc gen/real", "drift", "first-frame ms", "frame ms",
+               "stage train min (steps)"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["name"], f"{r['sampler']} {r['steps']}"]
@@ -80,7 +84,8 @@ def markdown_table(rows: list[dict], horizons: list[int]) -> str:
         cells += [_fmt(r[f"dpsnr@{h}"], 2) for h in horizons]
         cells += [_fmt(r[f"ssim@{horizons[-1]}"], 3),
                   f"{_fmt(r['probe_ratio'], 2)} ({_fmt(r['probe_acc'], 2)} / {_fmt(r['probe_real'], 2)})",
-                  r["drift"], _fmt(r["first_frame_ms"]), _fmt(r["frame_ms"])]
+                  r["drift"], _fmt(r["first_frame_ms"]), _fmt(r["frame_ms"]),
+                  f"{_fmt(r.get('train_min'))} ({_fmt(r.get('train_steps'))})"]
         lines.append("| " + " | ".join(cells) + " |")
     notes = ("\nPSNR/SSIM on uint8 frames at model resolution, mean over held-out clips, frame `anchor + h` "
              "after real context. repeat = last context frame repeated; mean = the training data's "
@@ -88,7 +93,8 @@ def markdown_table(rows: list[dict], horizons: list[int]) -> str:
              "dyn = only pixels where the real frame differs from the last context frame; ΔPSNR = PSNR with "
              "the recorded actions minus PSNR with them shuffled in time (same context and noise); probe = "
              "inverse-dynamics accuracy on generated pairs / on the real pairs at the same positions "
-             "(ratio first); drift flags from a long random-action rollout.\n")
+             "(ratio first); drift flags from a long random-action rollout; stage train min = that stage's own "
+             "training loop wall-clock (data generation included, earlier stages not).\n")
     return "\n".join(lines) + "\n" + notes
 
 
