@@ -56,3 +56,20 @@ def test_cli_subprocess_exit_code_without_traceback(tmp_path: Path) -> None:
     assert out.returncode == 2
     assert "unknown stage 'nope'" in out.stderr and "Traceback" not in out.stderr
     assert list(tmp_path.iterdir()) == []  # nothing written to the working directory
+
+
+def test_stage_all_routes_per_stage_options(tmp_path: Path) -> None:
+    from train.pipeline import split_stage_options, stage_overrides
+
+    argv = ["stage=all", "data=synthetic", "steps=3", "dmd.ema_start=50", "causal_ode.trajectories=16",
+            "stage.steps.teacher=7", f"runs_root={tmp_path}"]
+    common, own = split_stage_options(argv)
+    assert own == {"dmd": ["stage.ema_start=50"], "causal_ode": ["stage.trajectories=16"]}
+    cfg = compose_config(common)
+    dmd = stage_overrides(common, "dmd", cfg, own)
+    assert "stage=dmd" in dmd and "stage.ema_start=50" in dmd and "steps=3" in dmd
+    assert not any(o.startswith("stage.trajectories") for o in dmd)
+    assert OmegaConf.to_container(compose_config(dmd), resolve=True)["stage"]["ema_start"] == 50
+    # stage.steps.<name> still sets that stage's length when no global steps= is given
+    teacher = stage_overrides([a for a in common if a != "steps=3"], "teacher", cfg, own)
+    assert "steps=7" in teacher

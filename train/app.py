@@ -19,7 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from train import UsageError
 from train.loop import train
-from train.pipeline import run_pipeline
+from train.pipeline import run_pipeline, split_stage_options
 
 USAGE = """usage: python -m train stage=<stage> data=<dataset dir | synthetic> model=<size> [key=value ...]
 
@@ -28,6 +28,9 @@ USAGE = """usage: python -m train stage=<stage> data=<dataset dir | synthetic> m
   model   one of: {models}
   common overrides: steps=<n> run_dir=<dir> runs_root=<dir> init_from=<export dir> device=cpu|cuda
                     dtype=auto|bf16|fp32 grad_accum=<n> ckpt_every=<n> eval_every=<n> seed=<n>
+                    max_minutes=<m> (checkpoint + export after m minutes; rerun to go on)
+  stage=all: stage.steps.<stage>=<n> sets one stage's length, <stage>.<key>=<v> one stage's option
+             (e.g. dmd.ema_start=50 causal_ode.trajectories=256)
   --cfg   print the composed config and exit
 Rerunning the same command resumes from the newest checkpoint in run_dir.
 Multi-GPU: torchrun --nproc-per-node=<n> -m train ... (parallel=ddp|fsdp)."""
@@ -74,12 +77,15 @@ def main(argv: list[str] | None = None) -> int:
         bad = [a for a in argv if "=" not in a]
         if bad:
             raise UsageError(f"arguments must be key=value, got {bad}; see python -m train --help")
+        own: dict[str, list[str]] = {}
+        if "stage=all" in argv:  # <stage>.<key>=V options go to that stage only
+            argv, own = split_stage_options(argv)
         cfg = compose_config(argv)
         if show:
             print(OmegaConf.to_yaml(cfg, resolve=True))
             return 0
         if cfg.stage.name == "all":
-            print(f"done: {run_pipeline(argv, cfg, lambda o: train(compose_config(o)))}")
+            print(f"done: {run_pipeline(argv, cfg, lambda o: train(compose_config(o)), own)}")
             return 0
         run_dir = train(cfg)
     except UsageError as e:

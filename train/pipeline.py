@@ -8,7 +8,9 @@ DMD student with the reward heads attached, the dataset's action names, keymap, 
 real context frames, so ``play.py --checkpoint`` and the env load it with nothing else.
 
 Every override on the command line goes to every stage (``steps=5`` makes a smoke run);
-``stage.steps.<name>=N`` sets one stage's length; ``stage.causal_ode=true`` adds the baseline.
+``stage.steps.<name>=N`` sets one stage's length; ``<name>.<key>=V`` sets one stage's own option
+(``dmd.ema_start=50`` becomes ``stage.ema_start=50`` for the dmd stage only);
+``stage.causal_ode=true`` adds the baseline.
 """
 
 from __future__ import annotations
@@ -25,18 +27,37 @@ from train.objectives._dit import WORLD
 ORDER = ("tokenizer", "teacher", "ar", "causal_cd", "causal_ode", "dmd", "rewards")
 
 
-def stage_overrides(argv: list[str], name: str, cfg: DictConfig) -> list[str]:
-    """The command line for one stage: the user's overrides, its name, its own step count."""
+def split_stage_options(argv: list[str]) -> tuple[list[str], dict[str, list[str]]]:
+    """(overrides for every stage, {stage: its own ``stage.<key>=V`` overrides}) from a command
+    line where ``<stage>.<key>=V`` addresses one stage."""
+    common: list[str] = []
+    own: dict[str, list[str]] = {}
+    for a in argv:
+        head, dot, rest = a.partition(".")
+        if dot and head in ORDER and "=" in rest:
+            own.setdefault(head, []).append(f"stage.{rest}")
+        else:
+            common.append(a)
+    return common, own
+
+
+def stage_overrides(argv: list[str], name: str, cfg: DictConfig,
+                    own: dict[str, list[str]] | None = None) -> list[str]:
+    """The command line for one stage: the user's overrides, its name, its own step count and
+    options."""
     out = [a for a in argv if not a.startswith(("stage=", "stage."))]
     out.append(f"stage={name}")
+    out += (own or {}).get(name, [])
     steps = (cfg.stage.get("steps") or {}).get(name)
     if steps is not None and not any(a.startswith("steps=") for a in argv):
         out.append(f"steps={steps}")
     return out
 
 
-def run_pipeline(argv: list[str], cfg: DictConfig, train_stage) -> Path:
-    """Run the stages in order through ``train_stage(overrides) -> run_dir``; returns the world."""
+def run_pipeline(argv: list[str], cfg: DictConfig, train_stage,
+                 own: dict[str, list[str]] | None = None) -> Path:
+    """Run the stages in order through ``train_stage(overrides) -> run_dir``; returns the world.
+    ``own``: per-stage options (``split_stage_options``)."""
     wanted = [s for s in ORDER if s != "causal_ode" or cfg.stage.get("causal_ode", False)]
     if cfg.data.get("source") == "synthetic" and "rewards" in wanted:
         wanted.remove("rewards")  # generated episodes carry no rewards to learn
@@ -49,7 +70,7 @@ def run_pipeline(argv: list[str], cfg: DictConfig, train_stage) -> Path:
     for name in wanted:
         print(f"== stage {name}", flush=True)
         t0 = time.perf_counter()
-        run_dirs[name] = Path(train_stage(stage_overrides(argv, name, cfg)))
+        run_dirs[name] = Path(train_stage(stage_overrides(argv, name, cfg, own)))
         timings[name] = timings.get(name, 0.0) + time.perf_counter() - t0
         runs_root.mkdir(parents=True, exist_ok=True)
         timing_file.write_text(json.dumps(timings, indent=2))
