@@ -73,3 +73,32 @@ def test_stage_all_routes_per_stage_options(tmp_path: Path) -> None:
     # stage.steps.<name> still sets that stage's length when no global steps= is given
     teacher = stage_overrides([a for a in common if a != "steps=3"], "teacher", cfg, own)
     assert "steps=7" in teacher
+
+
+def test_stage_all_stops_after_a_paused_stage_and_checks_options_first(tmp_path: Path) -> None:
+    import json
+
+    from train import UsageError
+    from train.pipeline import run_pipeline
+
+    argv = ["stage=all", "data=synthetic", f"runs_root={tmp_path}", "max_minutes=1"]
+    cfg = compose_config(argv)
+    ran: list[str] = []
+
+    def fake_stage(overrides: list[str]) -> Path:  # tokenizer finishes, the teacher pauses
+        name = next(o for o in overrides if o.startswith("stage=")).split("=")[1]
+        ran.append(name)
+        export = tmp_path / name / "export"
+        export.mkdir(parents=True)
+        steps = 10 if name == "tokenizer" else 4
+        (export / "wallclock.json").write_text(json.dumps({"steps": steps, "of": 10, "seconds": 1.0}))
+        return export.parent
+
+    assert run_pipeline(argv, cfg, fake_stage, {}, compose_config) is None
+    assert ran == ["tokenizer", "teacher"]  # ar never started from a half-trained teacher
+    # a misspelt option of a late stage fails before any stage runs
+    ran.clear()
+    with pytest.raises(UsageError, match="ema_strat"):
+        run_pipeline(argv, cfg, fake_stage, {"dmd": ["stage.ema_strat=5"]}, compose_config)
+    assert ran == []
+    assert main(["stage=all", "data=synthetic", f"runs_root={tmp_path}", "dmd.ema_strat=5"]) == 2

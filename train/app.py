@@ -17,9 +17,11 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from record.reader import DatasetError
 from train import UsageError
 from train.loop import train
 from train.pipeline import run_pipeline, split_stage_options
+from worldmodel.checkpoint import CheckpointError
 
 USAGE = """usage: python -m train stage=<stage> data=<dataset dir | synthetic> model=<size> [key=value ...]
 
@@ -85,10 +87,12 @@ def main(argv: list[str] | None = None) -> int:
             print(OmegaConf.to_yaml(cfg, resolve=True))
             return 0
         if cfg.stage.name == "all":
-            print(f"done: {run_pipeline(argv, cfg, lambda o: train(compose_config(o)), own)}")
+            world = run_pipeline(argv, cfg, lambda o: train(compose_config(o)), own, compose_config)
+            if world is not None:
+                print(f"done: {world}")
             return 0
         run_dir = train(cfg)
-    except UsageError as e:
+    except (UsageError, CheckpointError, DatasetError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

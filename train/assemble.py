@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from record.reader import Dataset, DatasetError
+from train import UsageError
 from train.eval.split import split_dirs
 from worldmodel.checkpoint import CheckpointError, load_world, save_world
 
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         out = assemble_world(a.runs_root / a.dmd / "export", a.out or a.runs_root / "world.safetensors",
                              a.data, rewards, a.name, timings)
-    except (CheckpointError, DatasetError) as err:
+    except (CheckpointError, DatasetError, UsageError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"world: {out} ({out.stat().st_size / 2**20:.1f} MiB)")

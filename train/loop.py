@@ -38,7 +38,7 @@ from train.ema import EMA
 from train.metrics import MetricsLog, plot_metrics
 from train.objectives import EMASpec, Objective, OptimSpec, TrainContext, get_objective
 
-WALLCLOCK = "wallclock.json"  # in each export: {"steps": N, "seconds": S}
+WALLCLOCK = "wallclock.json"  # in each export: {"steps": N, "of": target steps, "seconds": S}
 
 EVAL_SEED_OFFSET = 7919  # evaluation/export batches come from their own stream, never the training one
 
@@ -206,7 +206,7 @@ def train(cfg: DictConfig) -> Path:
         done = step + 1
         busy += time.perf_counter() - t_step
         bar.update(1)
-        # Every rank must agree to stop, so the deadline is decided from the slowest rank's clock.
+        # Every rank must agree to stop: the run stops when any rank's clock is past the deadline.
         time_up = lc.max_minutes > 0 and mean_over_ranks(torch.tensor(
             [float(time.perf_counter() - t_start > 60 * lc.max_minutes)], device=device), d).item() > 0
         last_step = done == lc.steps or time_up
@@ -223,7 +223,9 @@ def train(cfg: DictConfig) -> Path:
                 log.write(record)
                 losses = {k.split("/")[0]: f"{v:.4g}" for k, v in record.items() if k.endswith("/loss")}
                 bar.set_postfix(**losses, sps=f"{record['samples_per_s']:.1f}")
-        if lc.eval_every and (done % lc.eval_every == 0 or last_step):
+        # not at a max_minutes stop: evaluation reseeds RNGs, and a paused run must continue exactly
+        # as an uninterrupted one would
+        if lc.eval_every and (done % lc.eval_every == 0 or done == lc.steps):
             for net in wrapped.values():
                 net.eval()
             with torch.no_grad(), ctx.autocast():
@@ -249,7 +251,7 @@ def train(cfg: DictConfig) -> Path:
         final[name] = gather_full(ema[2].shadow) if started else full_state_dict(net)
     if d.rank == 0:
         export(objective, final, eval_batches(), run_dir, cfg,
-               {"steps": done, "seconds": wall_before + time.perf_counter() - t_start})
+               {"steps": done, "of": lc.steps, "seconds": wall_before + time.perf_counter() - t_start})
         plot_metrics(log.read(), run_dir / "metrics.png")
     barrier(d)
     return run_dir
@@ -312,9 +314,12 @@ def load_network(net: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Load a full state dict into a plain or FSDP-sharded network."""
     own = net.state_dict()
     missing = set(own) ^ set(state)
-    if missing:
-        raise UsageError(f"the checkpoint does not match the network ({sorted(missing)[:5]} ...): the model "
-                         f"config changed since it was written; use a new run_dir or the old model=...")
+    # DTensor shards report the global shape, so this compares whole tensors under FSDP too
+    reshaped = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
+    if missing or reshaped:
+        raise UsageError(f"the checkpoint does not match the network ({sorted(missing)[:5]} "
+                         f"{reshaped[:3]} ...): the model config changed since it was written; use a new "
+                         f"run_dir or the old model=...")
     with torch.no_grad():
         for k, v in own.items():
             load_like(v, state[k])
@@ -324,7 +329,7 @@ def export(objective: Objective, weights: dict[str, dict[str, torch.Tensor]], ba
            run_dir: Path, cfg: DictConfig, wallclock: dict) -> None:
     """Let the objective write `<run_dir>/export`, atomically: into a temporary dir, then renamed.
 
-    ``wallclock.json`` beside the weights says how long the stage trained (seconds of its loop
+    ``wallclock.json`` beside the weights says how far (steps of ``of``) and how long the stage trained (seconds of its loop
     summed over resumes, the objective's own data generation included, set-up excluded): the
     evaluation table's training-cost column."""
     out, tmp = run_dir / "export", run_dir / ".export.tmp"

@@ -21,7 +21,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from train import UsageError
 from train.assemble import assemble_world
+from train.loop import WALLCLOCK
 from train.objectives._dit import WORLD
 
 ORDER = ("tokenizer", "teacher", "ar", "causal_cd", "causal_ode", "dmd", "rewards")
@@ -55,9 +57,12 @@ def stage_overrides(argv: list[str], name: str, cfg: DictConfig,
 
 
 def run_pipeline(argv: list[str], cfg: DictConfig, train_stage,
-                 own: dict[str, list[str]] | None = None) -> Path:
-    """Run the stages in order through ``train_stage(overrides) -> run_dir``; returns the world.
-    ``own``: per-stage options (``split_stage_options``)."""
+                 own: dict[str, list[str]] | None = None, compose_stage=None) -> Path | None:
+    """Run the stages in order through ``train_stage(overrides) -> run_dir``; returns the world,
+    or None when a stage paused at ``max_minutes`` (rerun to go on; later stages must not start
+    from a half-trained export). ``own``: per-stage options (``split_stage_options``);
+    ``compose_stage(overrides)``, when given, checks every stage's command line before any runs,
+    so a typo in a late stage's option fails now, not hours later."""
     wanted = [s for s in ORDER if s != "causal_ode" or cfg.stage.get("causal_ode", False)]
     if cfg.data.get("source") == "synthetic" and "rewards" in wanted:
         wanted.remove("rewards")  # generated episodes carry no rewards to learn
@@ -66,14 +71,27 @@ def run_pipeline(argv: list[str], cfg: DictConfig, train_stage,
     timing_file = runs_root / "pipeline_timings.json"
     if timing_file.exists():
         timings = json.loads(timing_file.read_text())
+    commands = {name: stage_overrides(argv, name, cfg, own) for name in wanted}
+    if compose_stage is not None:
+        for name, overrides in commands.items():
+            compose_stage(overrides)
+    unknown = sorted(set(own or {}) - set(wanted))
+    if unknown:
+        raise UsageError(f"options for stage(s) {unknown}, which this pipeline does not run "
+                         f"(stages: {wanted}; causal_ode runs with stage.causal_ode=true)")
     run_dirs: dict[str, Path] = {}
     for name in wanted:
         print(f"== stage {name}", flush=True)
         t0 = time.perf_counter()
-        run_dirs[name] = Path(train_stage(stage_overrides(argv, name, cfg, own)))
+        run_dirs[name] = Path(train_stage(commands[name]))
         timings[name] = timings.get(name, 0.0) + time.perf_counter() - t0
         runs_root.mkdir(parents=True, exist_ok=True)
         timing_file.write_text(json.dumps(timings, indent=2))
+        done = json.loads((run_dirs[name] / "export" / WALLCLOCK).read_text())
+        if done["steps"] < done["of"]:
+            print(f"paused: stage {name} stopped at max_minutes after {done['steps']}/{done['of']} steps; "
+                  f"rerun the same command to go on (later stages wait for it)", flush=True)
+            return None
     rewards = run_dirs["rewards"] / "export" if "rewards" in run_dirs else None
     out = assemble_world(run_dirs["dmd"] / "export", runs_root / WORLD, cfg.data.get("path"), rewards,
                          cfg.get("world_name"), timings)

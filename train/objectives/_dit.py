@@ -68,6 +68,12 @@ def dit_config(model_cfg: Mapping[str, Any], tokenizer: Path, num_actions: int, 
 def load_dit_weights(dit: DiT, export_dir: Path) -> None:
     """Initialise ``dit`` from a previous transformer stage (shapes must agree)."""
     state = load_file(str(Path(export_dir) / WEIGHTS))
+    own = dit.state_dict()
+    reshaped = [k for k in state if k in own and own[k].shape != state[k].shape]
+    if reshaped:
+        raise StageError(f"{export_dir}: weights of another shape ({reshaped[:3]}, e.g. {reshaped[0]} "
+                         f"{tuple(state[reshaped[0]].shape)} vs {tuple(own[reshaped[0]].shape)}): that stage "
+                         "ran with another model size or patch; retrain it or use its model= settings")
     missing, unexpected = dit.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise StageError(f"{export_dir}: weights do not fit this stage's model (missing {missing[:4]}, "
