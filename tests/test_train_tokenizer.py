@@ -87,3 +87,34 @@ def test_latent_cache_is_keyed_by_tokenizer_weights(tokenizer_run: Path, tmp_pat
     dirs = list((tmp_path / "cache").iterdir())
     assert len(dirs) == 1 and dirs[0] != first and (dirs[0] / FILE).exists()
     assert dirs[0].name.endswith(tokenizer_key(changed))
+
+
+def test_decoder_only_fine_tune_keeps_the_latent_space(tokenizer_run: Path, tmp_path: Path) -> None:
+    from train.assemble import swap_decoder
+    from worldmodel.checkpoint import CheckpointError, World
+    from worldmodel.dit import DiT, DiTConfig
+
+    base = tokenizer_run / "export"
+    cfg = compose_config([
+        "stage=tokenizer", "data=synthetic", "model=tiny", f"runs_root={tmp_path}", "steps=6",
+        f"init_from={base}", "stage.decoder_only=true", "stage.lr=3e-3", "stage.warmup_steps=1",
+        "data.batch_size=12", "progress=false", "device=cpu"])
+    tuned_dir = train(cfg) / "export"
+    tuned = load_tokenizer(tuned_dir)
+    old = load_tokenizer(base)
+    a, b = old.state_dict(), tuned.state_dict()
+    # encoder and statistics bit-identical (latents of every trained model stay valid) ...
+    assert all(torch.equal(a[k], b[k]) for k in a if k.startswith(("encoder.", "latent_")))
+    # ... the decoder moved
+    assert any(not torch.equal(a[k], b[k]) for k in a if k.startswith("decoder."))
+    # A world takes the fine-tuned decoder; a tokenizer with another encoder is refused.
+    dit = DiT(DiTConfig(width=32, depth=1, heads=2, num_actions=2, latent_channels=old.config.latent_channels,
+                        latent_size=old.config.latent_size))
+    world = World(dit=dit, tokenizer=old, action_names=["a", "b"])
+    swap_decoder(world, tuned_dir)
+    assert all(torch.equal(v, b[k]) for k, v in world.tokenizer.state_dict().items())
+    other = compose_config([
+        "stage=tokenizer", "data=synthetic", "model=tiny", f"runs_root={tmp_path / 'other'}", "steps=2",
+        "seed=1", "data.batch_size=4", "progress=false", "device=cpu"])
+    with pytest.raises(CheckpointError, match="decoder fine-tune"):
+        swap_decoder(world, train(other) / "export")

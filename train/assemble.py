@@ -76,14 +76,35 @@ def real_context(data: str | Path, size: int, clips: int = CONTEXT_CLIPS,
     return torch.from_numpy(np.concatenate(frames)), torch.from_numpy(np.concatenate(actions))
 
 
+def swap_decoder(world, tokenizer_dir: Path) -> None:
+    """Put the tokenizer of ``tokenizer_dir`` (a ``stage.decoder_only=true`` fine-tune of the
+    world's own tokenizer) into ``world``. Refused unless its encoder and latent statistics equal
+    the world's: the world's transformer only knows that latent space."""
+    from train.objectives.tokenizer import load_tokenizer
+
+    new = load_tokenizer(tokenizer_dir)
+    old_state, new_state = world.tokenizer.state_dict(), new.state_dict()
+    same = all(torch.allclose(old_state[k].float(), new_state[k].float(), atol=1e-3, rtol=1e-2)
+               for k in old_state if k.startswith("encoder.") or k.startswith("latent_"))
+    if not same or new.config != world.tokenizer.config:
+        raise CheckpointError(f"{tokenizer_dir} is not a decoder fine-tune of this world's tokenizer "
+                              "(its encoder or latent statistics differ); train one with "
+                              "`python -m train stage=tokenizer stage.decoder_only=true init_from=...`")
+    world.tokenizer = new
+
+
 def assemble_world(dmd_export: Path, out: Path, data: str | Path | None = None,
                    rewards_export: Path | None = None, name: str | None = None,
-                   timings: dict | None = None, dtype: torch.dtype = torch.bfloat16) -> Path:
-    """Write ``out``: the DMD world with reward heads, dataset info, real context and timings."""
+                   timings: dict | None = None, dtype: torch.dtype = torch.bfloat16,
+                   tokenizer: Path | None = None) -> Path:
+    """Write ``out``: the DMD world with reward heads, dataset info, real context and timings;
+    ``tokenizer``: a decoder fine-tune to ship instead of the world's own (``swap_decoder``)."""
     source = Path(dmd_export) / "world.safetensors"
     if not source.exists():
         raise CheckpointError(f"no DMD world at {source}: run the dmd stage first")
     world = load_world(source)
+    if tokenizer is not None:
+        swap_decoder(world, Path(tokenizer))
     if rewards_export is not None:
         from train.objectives.rewards import fitting_heads  # the rewards stage's own format
 
@@ -108,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, help="output file (default <runs-root>/world.safetensors)")
     p.add_argument("--name", help="world name (default: the dataset folder's name)")
     p.add_argument("--no-rewards", action="store_true", help="ship without the rewards stage's heads")
+    p.add_argument("--tokenizer", type=Path, help="a decoder-only fine-tune of the world's tokenizer to ship")
     a = p.parse_args(argv)
     rewards = None if a.no_rewards else a.runs_root / "rewards" / "export"
     if rewards is not None and not rewards.exists():
@@ -118,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     timings = json.loads(timing_file.read_text()) if timing_file.exists() else None
     try:
         out = assemble_world(a.runs_root / a.dmd / "export", a.out or a.runs_root / "world.safetensors",
-                             a.data, rewards, a.name, timings)
+                             a.data, rewards, a.name, timings, tokenizer=a.tokenizer)
     except (CheckpointError, DatasetError, UsageError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -24,6 +24,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 from tensordict import TensorDict
 
+from train import UsageError
 from train.objectives import EMASpec, Logs, Objective, OptimSpec, TrainContext, register
 from worldmodel.tokenizer import Tokenizer, TokenizerConfig, tokenizer_config
 
@@ -45,6 +46,10 @@ class TokenizerStageConfig:
     foreground_threshold: float = 0.1   # |pixel - median| above this (in [-1, 1] units) is foreground
     latent_l2: float = 1e-4             # keeps raw latents from drifting in scale before normalisation
     norm_batches: int = 8               # batches encoded at export to fit the latent statistics
+    # Decoder fine-tuning of an existing tokenizer (``init_from=<tokenizer export>``): the encoder
+    # and the latent statistics stay frozen, so every model trained on its latents stays valid,
+    # and only the decoder learns to render them better (as image VAEs ship improved decoders).
+    decoder_only: bool = False
 
 
 def frames_to_images(frames: torch.Tensor) -> torch.Tensor:
@@ -95,7 +100,15 @@ class TokenizerObjective(Objective):
 
     def __init__(self, cfg: TokenizerStageConfig, ctx: TrainContext) -> None:
         super().__init__(cfg, ctx)
-        self.tokenizer = Tokenizer(tokenizer_config(**ctx.model["tokenizer"]))
+        if cfg.decoder_only:
+            if ctx.init_from is None:
+                raise UsageError("stage.decoder_only=true fine-tunes an existing tokenizer's decoder: "
+                                 "give it with init_from=<tokenizer export dir>")
+            self.tokenizer = load_tokenizer(ctx.init_from).train()
+            self.tokenizer.encoder.requires_grad_(False)
+            self.tokenizer.encoder.eval()
+        else:
+            self.tokenizer = Tokenizer(tokenizer_config(**ctx.model["tokenizer"]))
 
     def networks(self) -> dict[str, nn.Module]:
         return {"tokenizer": self.tokenizer}
@@ -132,6 +145,9 @@ class TokenizerObjective(Objective):
         tok = Tokenizer(self.tokenizer.config).to(self.ctx.device)
         tok.load_state_dict(weights["tokenizer"])
         tok.eval()
+        if self.cfg.decoder_only:  # the latent space must not move: keep the statistics it came with
+            save_tokenizer(tok, out_dir)
+            return
         with self.ctx.autocast():
             raw = torch.cat([tok.encode_images(frames_to_images(next(batches)["frames"]), normalize=False)
                              .reshape(-1, *tok.config.latent_shape) for _ in range(self.cfg.norm_batches)])
