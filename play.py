@@ -68,7 +68,10 @@ class Session:
                 "action_names": self.names, "keymap": env.keymap.to_dict(), "controller": controller.name,
                 "controller_config": controller.config(), "model_size": list(env.observation_space.shape[:2])}
         self.recorder = SessionRecorder(record_dir, meta, env.observation_space.shape)
+        self.context_shown_at: float | None = None    # perf_counter when the first reset's frame showed
+        self.first_frame_at: float | None = None      # ... and when the first generated frame showed
         self.reset(seed)
+        self.context_shown_at = time.perf_counter()
 
     # ---- the loop ------------------------------------------------------------------------------
     def run(self, frames: int | None = None) -> None:
@@ -102,6 +105,8 @@ class Session:
         self.actions.append(action)
         self.show()
         self.stats.frame((time.perf_counter() - t_keys) * 1e3)  # the frame is on screen
+        if self.first_frame_at is None:
+            self.first_frame_at = time.perf_counter()
         self.env.flush()  # cache refresh while we would wait anyway: off the key-to-frame path
         if self.video is not None:
             self.video.write(self.frame, f"{self.frame_index} {self.names[action]}")
@@ -273,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         env = WorldModelEnv(checkpoint=args.checkpoint, world=args.world, steps=args.steps, horizon=None,
                             context=args.context, compile=args.compile or None)
+        loaded_at = time.perf_counter()  # start-up measured from here: the model is in memory
         held = HeldKeys(ignore=UI_KEYS)
         controller = make_controller(args.policy, env.keymap, held, args.seed)
         # a person can take over from an agent (M) wherever there is a keyboard
@@ -308,6 +314,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{s['frames']} frames in {s['seconds']:.1f} s: {s['fps']:.1f} FPS, key-to-frame latency "
               f"mean {s['latency_ms']:.1f} ms (p50 {s['latency_p50_ms']:.1f}, "
               f"p95 {s['latency_p95_ms']:.1f}), {env.steps} denoising step(s), world {env.world_name}")
+    if session.first_frame_at is not None:
+        print(f"start-up after the model loaded: context on screen in "
+              f"{(session.context_shown_at - loaded_at) * 1e3:.0f} ms, first generated frame in "
+              f"{(session.first_frame_at - loaded_at) * 1e3:.0f} ms")
     return code
 
 
