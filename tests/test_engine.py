@@ -195,3 +195,14 @@ def test_ten_thousand_frame_rollout_is_flat_in_memory_finite_and_moving():
     assert rss_end - rss_warm < 20 * 1024, f"peak RSS grew {(rss_end - rss_warm) / 1024:.1f} MiB"
     frames = np.stack(frames)
     assert frames.std(axis=0).mean() > 1.0  # frames change over the rollout (not frozen)
+
+
+def test_chunkwise_engine_on_short_training_clips_keeps_a_whole_block_of_history():
+    # 8-frame clips, 3-frame blocks: one sink block + the current block leave no room for a
+    # window, so the engine gives up the sink rather than history (and runs).
+    world = make_tiny_world(frames_per_block=3)
+    engine = Engine(world, EngineConfig(steps=2))
+    assert engine.cache.sink == 0 and engine.cache.window == 3
+    engine.reset(seed=0)
+    frames = [engine.step(a) for a in (0, 1, 2, 3, 0, 1, 2, 3, 0, 1)]  # past the cache's capacity
+    assert all(f.shape == (1, 32, 32, 3) and f.dtype == np.uint8 for f in frames)

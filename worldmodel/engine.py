@@ -82,6 +82,10 @@ class Engine:
         if window is None:  # the largest window whose positions stay inside the training clips
             window = self.dit.cfg.train_frames - sink - self.block
             window -= window % self.block
+            if window < self.block and sink:  # short clips, big blocks: a past block beats a sink
+                sink = 0
+                window = self.dit.cfg.train_frames - self.block
+                window -= window % self.block
         self.cache = self.dit.new_cache(batch, window=window, sink=sink)
         self.steps = cfg.steps
         self.first_frame_steps = cfg.first_frame_steps
