@@ -147,7 +147,7 @@ def test_ema_warmup_decay_schedule_and_reset() -> None:
         with torch.no_grad():
             net.weight.add_(1.0)
         ema.update(net)
-        expect = d * expect + (1 - d) * float(net.weight)
+        expect = d * expect + (1 - d) * net.weight.item()
         assert abs(float(ema.shadow["weight"]) - expect) < 1e-5
     assert ema.current_decay() == 0.5
     ema.reset(net)
