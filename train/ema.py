@@ -12,6 +12,9 @@ import torch
 import torch.nn as nn
 
 
+WARMED_UP = 10**9  # update count given to EMA states saved before the warm-up existed
+
+
 class EMA:
     """ema <- d * ema + (1 - d) * live for floating tensors; other buffers are copied.
 
@@ -65,6 +68,6 @@ class EMA:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.decay = float(state["decay"])
         # Checkpoints from before the warm-up existed resume as fully warmed up.
-        self.updates = int(state.get("updates", 10**9))
+        self.updates = int(state.get("updates", WARMED_UP))
         for k, v in state["shadow"].items():
             self.shadow[k].copy_(v)

@@ -34,7 +34,7 @@ from train.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save
 from train.data import build_data, clip_batches
 from train.distributed import (all_gather_object, barrier, full_state_dict, gather_full,
                                init_distributed, load_like, mean_over_ranks, no_sync, pick_dtype, wrap)
-from train.ema import EMA
+from train.ema import EMA, WARMED_UP
 from train.metrics import MetricsLog, plot_metrics
 from train.objectives import EMASpec, Objective, OptimSpec, TrainContext, get_objective
 
@@ -121,7 +121,7 @@ def train(cfg: DictConfig) -> Path:
         for name, (_, _, ema) in emas.items():
             for k, v in ck["ema"][name]["shadow"].items():
                 load_like(ema.shadow[k], v)
-            ema.updates = int(ck["ema"][name].get("updates", 10**9))  # older checkpoints: warmed up
+            ema.updates = int(ck["ema"][name].get("updates", WARMED_UP))
         counts.update(ck["counts"])
         objective.load_state_dict(ck["objective"])
         if len(ck["rng"]) == d.world_size:

@@ -71,14 +71,14 @@ def run_pipeline(argv: list[str], cfg: DictConfig, train_stage,
     timing_file = runs_root / "pipeline_timings.json"
     if timing_file.exists():
         timings = json.loads(timing_file.read_text())
-    commands = {name: stage_overrides(argv, name, cfg, own) for name in wanted}
-    if compose_stage is not None:
-        for name, overrides in commands.items():
-            compose_stage(overrides)
     unknown = sorted(set(own or {}) - set(wanted))
     if unknown:
         raise UsageError(f"options for stage(s) {unknown}, which this pipeline does not run "
                          f"(stages: {wanted}; causal_ode runs with stage.causal_ode=true)")
+    commands = {name: stage_overrides(argv, name, cfg, own) for name in wanted}
+    if compose_stage is not None:
+        for overrides in commands.values():
+            compose_stage(overrides)
     run_dirs: dict[str, Path] = {}
     for name in wanted:
         print(f"== stage {name}", flush=True)
