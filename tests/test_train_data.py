@@ -47,7 +47,7 @@ def test_ranks_get_disjoint_shards_and_resume_continues_exactly() -> None:
     assert x.batch_size == torch.Size([3, 4])
 
 
-def write_dataset(root: Path, episodes: int = 2, length: int = 10) -> None:
+def write_dataset(root: Path, episodes: int = 2, length: int = 10, damage: bool = True) -> None:
     """A tiny recorded dataset at 80x96 native size (so loading must resize), one damaged chunk."""
     for e in range(episodes):
         w = EpisodeWriter(root, {"game": "toy", "action_names": ["noop", "left", "right"]}, (80, 96, 3),
@@ -57,6 +57,8 @@ def write_dataset(root: Path, episodes: int = 2, length: int = 10) -> None:
             frame[10 + t:14 + t, 20 + e:24 + e] = 255
             w.add(frame, -1 if t == 0 else t % 3, reward=float(t))
         w.close()
+    if not damage:
+        return
     # Truncate the second chunk of the last episode: reading reports it and keeps the rest.
     chunk = sorted(root.glob("*/chunk_*.npz"))[-1]
     chunk.write_bytes(chunk.read_bytes()[:50])

@@ -89,6 +89,30 @@ def test_latent_cache_is_keyed_by_tokenizer_weights(tokenizer_run: Path, tmp_pat
     assert dirs[0].name.endswith(tokenizer_key(changed))
 
 
+def test_a_valid_latent_cache_is_used_without_decoding_images(tokenizer_run: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import record.reader
+    from tests.test_train_data import write_dataset
+    from train.data import build_data
+
+    data = tmp_path / "data"
+    write_dataset(data, episodes=2)
+    cfg = compose_config([f"data={data}", f"data.tokenizer={tokenizer_run / 'export'}", "data.latents=true",
+                          f"data.cache_dir={tmp_path / 'cache'}", "data.hold_out=false"])
+    kw = dict(rank=0, world_size=1, device=torch.device("cpu"), run_dir=tmp_path)
+    first = build_data(cfg.data, **kw)
+    assert sorted(first.episode_lengths()) == [5, 10]
+    decoded = []
+    real_unpack = record.reader.unpack_frames
+    monkeypatch.setattr(record.reader, "unpack_frames", lambda *a: decoded.append(1) or real_unpack(*a))
+    again = build_data(cfg.data, **kw)  # the cache matches the dataset: no image is decoded
+    assert decoded == [] and torch.equal(again.clip(1, 0, 5)["latents"], first.clip(1, 0, 5)["latents"])
+    write_dataset(data, episodes=1, length=12, damage=False)  # one more episode: the cache is stale
+    grown = build_data(cfg.data, **kw)
+    assert decoded and sorted(grown.episode_lengths()) == [5, 10, 12]
+    assert len(list((tmp_path / "cache").iterdir())) == 1
+
+
 def test_decoder_only_fine_tune_keeps_the_latent_space(tokenizer_run: Path, tmp_path: Path) -> None:
     from train.assemble import swap_decoder
     from worldmodel.checkpoint import CheckpointError, World

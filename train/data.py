@@ -25,7 +25,7 @@ from record.reader import Dataset, DatasetError
 from train import UsageError
 from train.distributed import Dist, barrier
 from train.eval.split import split_ids
-from train.latents import LatentSource, build_latent_cache, latent_cache_dir
+from train.latents import LatentSource, build_latent_cache, cached_lengths, latent_cache_dir
 
 
 @dataclass
@@ -133,9 +133,13 @@ class RecordedSource:
     resolution (12 KiB per 64x64 frame: a million frames is 12 GiB, so big datasets should go
     through the latent cache, which every stage after the tokenizer uses). Unreadable chunks are
     reported and skipped by the reader; an episode with a hole comes back as two pieces, so no
-    clip spans a gap."""
+    clip spans a gap.
 
-    def __init__(self, path: Path, resolution: int, hold_out: bool = True) -> None:
+    frames=False reads (and checks) everything but the images: the episode layout, actions and
+    rewards. That is all a stage needs when the latent cache already holds the frames, and it
+    skips decoding every image (minutes for 200k frames)."""
+
+    def __init__(self, path: Path, resolution: int, hold_out: bool = True, frames: bool = True) -> None:
         try:
             dataset = Dataset(Path(path))
             dirs = dataset.episode_dirs
@@ -143,7 +147,7 @@ class RecordedSource:
                 keep = set(split_ids([d.name for d in dirs])[0])
                 dirs = [d for d in dirs if d.name in keep]
             size = (resolution, resolution)
-            episodes = [ep for d in dirs for ep in dataset.read(d, frames=True, size=size)]
+            episodes = [ep for d in dirs for ep in dataset.read(d, frames=frames, size=size)]
         except DatasetError as e:
             raise UsageError(str(e)) from None
         if not episodes:
@@ -157,7 +161,7 @@ class RecordedSource:
                              f"recorded with one keymap")
         self.action_names = names[0] if names else []
         self.episodes = [TensorDict({
-            "frames": torch.from_numpy(ep.frames),
+            **({"frames": torch.from_numpy(ep.frames)} if frames else {}),
             "actions": torch.from_numpy(ep.actions),
             "rewards": torch.from_numpy(ep.rewards),
             "terminated": torch.from_numpy(ep.terminated),
@@ -228,38 +232,40 @@ class ClipBatches(Iterator[TensorDict]):
 # ----- building -----------------------------------------------------------------------------
 
 
-def synthetic_source(cfg: DataConfig) -> SyntheticSource:
-    return SyntheticSource(SyntheticConfig(**cfg.synthetic), cfg.resolution)
+def synthetic_source(cfg: DataConfig, frames: bool = True) -> SyntheticSource:
+    return SyntheticSource(SyntheticConfig(**cfg.synthetic), cfg.resolution)  # frames are drawn per clip
 
 
-def recorded_source(cfg: DataConfig) -> ClipSource:
+def recorded_source(cfg: DataConfig, frames: bool = True) -> ClipSource:
     if not cfg.path:
         raise UsageError("no dataset given: pass data=<dataset dir> (a directory written by `python -m "
                          "record`), or data=synthetic for generated Breakout-like episodes")
     if not Path(cfg.path).is_dir():
         raise UsageError(f"dataset directory {cfg.path} does not exist: record one with `python -m record "
                          f"...`, or fix data=<dataset dir>")
-    return RecordedSource(Path(cfg.path), cfg.resolution, cfg.hold_out)
+    return RecordedSource(Path(cfg.path), cfg.resolution, cfg.hold_out, frames=frames)
 
 
-SOURCES = {  # data.source -> factory(DataConfig) -> ClipSource
+SOURCES = {  # data.source -> factory(DataConfig, frames: bool) -> ClipSource
     "recorded": recorded_source,
     "synthetic": synthetic_source,
 }
 
 
-def build_source(cfg: DataConfig) -> ClipSource:
+def build_source(cfg: DataConfig, frames: bool = True) -> ClipSource:
+    """The source `cfg` names; frames=False may leave out the images (see `RecordedSource`)."""
     if cfg.source not in SOURCES:
         raise UsageError(f"unknown data.source {cfg.source!r}; choose one of {sorted(SOURCES)}")
-    return SOURCES[cfg.source](cfg)
+    return SOURCES[cfg.source](cfg, frames)
 
 
 def build_data(cfg: Any, *, rank: int, world_size: int, device: torch.device, run_dir: Path) -> ClipSource:
     """The clip source that `cfg` (the `data` config) describes. With `latents=True` the frames
-    are replaced by cached tokenizer latents (encoded on first use by rank 0; the others wait)."""
-    source = build_source(cfg)
+    are replaced by cached tokenizer latents (encoded on first use by rank 0; the others wait).
+    A cache whose episode lengths differ from the dataset's (episodes recorded or removed since)
+    is stale and encoded again; a valid one is used without decoding a single image."""
     if not cfg.latents:
-        return source
+        return build_source(cfg)
     if not cfg.tokenizer or not (Path(cfg.tokenizer) / "tokenizer.json").exists():
         raise UsageError(
             f"this stage trains on tokenizer latents, but data.tokenizer={cfg.tokenizer!r} is not a "
@@ -268,8 +274,9 @@ def build_data(cfg: Any, *, rank: int, world_size: int, device: torch.device, ru
     root = Path(cfg.cache_dir) if cfg.cache_dir else Path(run_dir).parent / "latent_cache"
     key = f"{cfg.source}:{Path(cfg.path).resolve() if cfg.path else dict(cfg.synthetic)}:{cfg.resolution}:hold_out={cfg.hold_out}"
     out = latent_cache_dir(root, key, Path(cfg.tokenizer))
-    if rank == 0:
-        build_latent_cache(source, Path(cfg.tokenizer), out, device=device,
+    source = build_source(cfg, frames=False)
+    if rank == 0 and cached_lengths(out) != source.episode_lengths():
+        build_latent_cache(build_source(cfg), Path(cfg.tokenizer), out, device=device,
                            dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
     barrier(Dist(rank, world_size))
     return LatentSource(out, source.action_names)

@@ -17,6 +17,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tensordict import TensorDict
 
@@ -63,12 +64,19 @@ def latent_cache_dir(cache_root: Path, source_key: str, tokenizer_dir: Path) -> 
     return Path(cache_root) / f"{src}-{tokenizer_key(tokenizer_dir)}"
 
 
+def cached_lengths(out: Path) -> list[int] | None:
+    """The episode lengths of the cache in `out`, read from its header only; None if absent."""
+    if not (Path(out) / FILE).exists():
+        return None
+    with safe_open(str(Path(out) / FILE), framework="pt") as f:
+        shapes = {k.split("/")[0]: f.get_slice(k).get_shape()[0] for k in f.keys() if k.endswith("/latents")}
+    return [shapes[str(i)] for i in range(len(shapes))]
+
+
 def build_latent_cache(source, tokenizer_dir: Path, out: Path, *, device: torch.device,
                        dtype: torch.dtype) -> None:
-    """Encode every episode of `source` into `out` (from `latent_cache_dir`) unless it is already
+    """Encode every episode of `source` into `out` (from `latent_cache_dir`), replacing what is
     there. Call on one process only (the caller makes the others wait)."""
-    if (out / FILE).exists():
-        return
     tok = load_tokenizer(tokenizer_dir, device)
     flat: dict[str, torch.Tensor] = {}
     autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32
