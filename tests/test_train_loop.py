@@ -82,6 +82,9 @@ class Toy(Objective):
         pred = nets["critic"](nets["frozen"](x))
         return (pred.float() - target).pow(2).mean(), {"target_mean": target.mean()}
 
+    def evaluate(self, step: int, nets: Mapping[str, nn.Module], batches) -> dict[str, float]:
+        return {"gen_w": float(self.gen.weight.mean())}
+
     def export(self, out_dir: Path, weights, batches) -> None:
         torch.save(weights, out_dir / "toy.pt")
 
@@ -97,7 +100,7 @@ def toy_cfg(run_dir: Path, *overrides: str, **stage):
 
 def test_known_gradient_alternation_and_ema(tmp_path: Path) -> None:
     lr = 0.01
-    train(toy_cfg(tmp_path / "run", "steps=10", "grad_accum=2", lr=lr))
+    train(toy_cfg(tmp_path / "run", "steps=10", "grad_accum=2", "eval_every=10", lr=lr))
     toy = Toy.last
     # updates(): the generator on steps 0 and 5 (before the critic), the critic on every step;
     # each update draws grad_accum=2 micro-batches.
@@ -118,6 +121,10 @@ def test_known_gradient_alternation_and_ema(tmp_path: Path) -> None:
     assert torch.equal(ck["networks"]["frozen"]["weight"], toy.frozen.weight.detach())
     exported = torch.load(tmp_path / "run" / "export" / "toy.pt")
     assert torch.allclose(exported["gen"]["weight"], torch.full((1, 3), expect), atol=1e-6)
+    # Evaluation scored the EMA weights (what the export carries); the live ones were put back.
+    evals = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["eval/gen_w"] for r in evals if "eval/gen_w" in r] == pytest.approx([expect])
+    assert torch.allclose(toy.gen.weight, torch.full((1, 3), 2 * lr), atol=1e-6)
     assert (tmp_path / "run" / "metrics.png").exists()
 
 
@@ -183,7 +190,8 @@ def test_resume_is_bit_exact(tmp_path: Path) -> None:
         assert_same(a[key], b[key], key)
     # The metrics log of the resumed run has no duplicated steps.
     lines = (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
-    steps = [json.loads(line)["step"] for line in lines]
+    records = [json.loads(line) for line in lines]
+    steps = [r["step"] for r in records if "lr/gen" in r]  # training records (evaluation's are apart)
     assert steps == sorted(set(steps)) == list(range(1, 13))
 
 

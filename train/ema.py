@@ -6,6 +6,8 @@ same code serves plain, DDP and FSDP networks (under FSDP the entries are the lo
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -61,6 +63,22 @@ class EMA:
             if not v.is_floating_point():
                 v.copy_(live[k])
         self.updates += 1
+
+    @contextmanager
+    def swapped_in(self, net: nn.Module) -> Iterator[nn.Module]:
+        """`net` holds the shadow weights inside the block and its live weights again after it
+        (evaluation then scores what the export will carry, not the live weights)."""
+        state = net.state_dict()  # tensors that share storage with the parameters and buffers
+        live = {k: v.detach().clone() for k, v in state.items()}
+        with torch.no_grad():
+            for k, v in state.items():
+                v.copy_(self.shadow[k])
+        try:
+            yield net
+        finally:
+            with torch.no_grad():
+                for k, v in state.items():
+                    v.copy_(live[k])
 
     def state_dict(self) -> dict[str, Any]:
         return {"decay": self.decay, "updates": self.updates, "shadow": self.shadow}

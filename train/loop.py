@@ -15,7 +15,7 @@ import random
 import shutil
 import time
 from collections import defaultdict
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -228,8 +228,12 @@ def train(cfg: DictConfig) -> Path:
         if lc.eval_every and (done % lc.eval_every == 0 or done == lc.steps):
             for net in wrapped.values():
                 net.eval()
-            with torch.no_grad(), ctx.autocast():
-                metrics = objective.evaluate(done, wrapped, eval_batches())
+            with ExitStack() as swaps:
+                for net_name, (owner, e, ema) in emas.items():  # score what the export will carry
+                    if counts[owner] >= e.start_step:
+                        swaps.enter_context(ema.swapped_in(nets[net_name]))
+                with torch.no_grad(), ctx.autocast():
+                    metrics = objective.evaluate(done, wrapped, eval_batches())
             for k in trainable:
                 wrapped[k].train()
             if log is not None and metrics:
