@@ -51,6 +51,7 @@ class WorldRuntime:
         path = resolve_checkpoint(checkpoint, world)
         overrides = {k: v for k, v in {"steps": steps, **engine_overrides}.items() if v is not None}
         self.engine = Engine.load(path, batch=batch, **overrides)
+        self.engine.warm_up()  # part of loading: the first frame a player sees is not the slow one
         self.path = path
         self.batch = batch
         w = self.engine.world

@@ -140,3 +140,55 @@ def test_worlds_at_different_frames_match_their_own_rollouts():
     out = torch.cat(outs, dim=1)
     torch.testing.assert_close(out[0], solo0[0, 3:7], atol=ATOL, rtol=1e-4)
     torch.testing.assert_close(out[1], solo1[0, 0:4], atol=ATOL, rtol=1e-4)
+
+
+def refresh_block_by_block(model: DiT, x0, actions, cache) -> None:
+    k = model.cfg.frames_per_block
+    for s in range(0, x0.shape[1], k):
+        model.refresh(x0[:, s:s + k], actions[:, s:s + k], cache)
+
+
+@pytest.mark.parametrize("block,first,frames", [(1, 0, 7), (1, 2, 4), (3, 0, 6), (1, 3, 9)])
+def test_multi_block_refresh_equals_block_by_block(block, first, frames):
+    """Seeding several blocks in one call writes the same K/V (and so gives the same next output)
+    as refreshing them one by one: in one block-causal pass when they fit without eviction
+    (the (1, 3, 9) case does not fit and must fall back to block by block)."""
+    model = tiny(frames_per_block=block)
+    x0, x, sigma, actions = data(model, first + frames + block)
+    window = 9 - 9 % block if block > 1 else 6
+    caches = [model.new_cache(2, window=window, sink=0 if block > 1 else 1) for _ in range(2)]
+    with torch.no_grad():
+        for cache in caches:
+            refresh_block_by_block(model, x0[:, :first], actions[:, :first], cache)
+        refresh_block_by_block(model, x0[:, first:first + frames], actions[:, first:first + frames], caches[0])
+        model.refresh(x0[:, first:first + frames], actions[:, first:first + frames], caches[1])
+        a, b = caches
+        assert a.counts == b.counts and a.slot_frame == b.slot_frame
+        torch.testing.assert_close(b.k, a.k, atol=ATOL, rtol=1e-4)
+        torch.testing.assert_close(b.v, a.v, atol=ATOL, rtol=1e-4)
+        nxt = slice(first + frames, first + frames + block)
+        outs = [model.forward_cached(x[:, nxt], sigma[:, nxt], actions[:, nxt], c) for c in caches]
+    torch.testing.assert_close(outs[1], outs[0], atol=ATOL, rtol=1e-4)
+
+
+def test_multi_block_refresh_with_worlds_at_different_frames():
+    """One world reset mid-way (per-world key masks): a 3-frame refresh equals 3 single ones."""
+    model = tiny()
+    x0, _, _, actions = data(model, 6)
+    caches = [model.new_cache(2, window=6, sink=1) for _ in range(2)]
+    with torch.no_grad():
+        for cache in caches:
+            refresh_block_by_block(model, x0[:, :2], actions[:, :2], cache)
+            cache.reset([1])
+        refresh_block_by_block(model, x0[:, 2:5], actions[:, 2:5], caches[0])
+        model.refresh(x0[:, 2:5], actions[:, 2:5], caches[1])
+    assert caches[0].counts == caches[1].counts == [5, 3]
+    torch.testing.assert_close(caches[1].k, caches[0].k, atol=ATOL, rtol=1e-4)
+    torch.testing.assert_close(caches[1].v, caches[0].v, atol=ATOL, rtol=1e-4)
+
+
+def test_refresh_takes_whole_blocks():
+    model = tiny(frames_per_block=3)
+    x0, _, _, actions = data(model, 4)
+    with pytest.raises(ValueError, match="whole blocks"):
+        model.refresh(x0, actions, model.new_cache(2, window=6))

@@ -206,3 +206,19 @@ def test_chunkwise_engine_on_short_training_clips_keeps_a_whole_block_of_history
     engine.reset(seed=0)
     frames = [engine.step(a) for a in (0, 1, 2, 3, 0, 1, 2, 3, 0, 1)]  # past the cache's capacity
     assert all(f.shape == (1, 32, 32, 3) and f.dtype == np.uint8 for f in frames)
+
+
+@pytest.mark.parametrize("block", [1, 3])
+def test_warm_up_changes_nothing(block):
+    """A warmed-up engine makes exactly the frames a fresh one does, seeded or not."""
+    world = make_tiny_world(frames_per_block=block)
+    ctx = np.random.default_rng(0).integers(0, 255, (6, 32, 32, 3), dtype=np.uint8)
+    runs = []
+    for warm in (False, True):
+        eng = engine(world, steps=2)
+        if warm:
+            eng.warm_up()
+        frames = [eng.reset(ctx)] + [eng.step(a) for a in (0, 1, 2, 3)]
+        frames += [eng.reset(None, seed=3)] + [eng.step(a) for a in (2, 1)]
+        runs.append(np.stack(frames))
+    assert np.array_equal(runs[0], runs[1])

@@ -261,8 +261,12 @@ class DiT(nn.Module):
                        device=device or ref.device, dtype=dtype or ref.dtype)
 
     def _cached(self, x: torch.Tensor, sigma: torch.Tensor, actions: torch.Tensor,
-                cache: KVCache, write: bool):
-        """Run one block against the cache -> final tokens and cond (the head is the caller's)."""
+                cache: KVCache, write: bool, causal: bool = False):
+        """Run ``x`` against the cache -> final tokens and cond (the head is the caller's).
+
+        ``x`` is one block, or with ``causal`` several whole blocks that attend block-causally
+        among themselves (only valid when writing them evicts nothing; see ``refresh``).
+        """
         b, f = x.shape[:2]
         p = self.cfg.tokens_per_frame
         tokens, cond = self.embed(x, sigma, actions)
@@ -271,10 +275,18 @@ class DiT(nn.Module):
         if lay.valid_slots:
             kcos, ksin = self.rope.time_tables(lay.slot_positions.to(x.device), p)
         mask = None
+        new = causal_mask(f, p, self.cfg.frames_per_block, str(x.device)) if causal else None
         if lay.key_mask is not None:  # worlds at different frames: mask their empty slots
-            keys = torch.cat([lay.key_mask.repeat_interleave(p, dim=1),
-                              torch.ones(b, f * p, dtype=torch.bool)], dim=1).to(x.device)
-            mask = keys[:, None, None, :]  # (B, 1, 1, Lk): same for every head and query
+            old = lay.key_mask.repeat_interleave(p, dim=1).to(x.device)
+            if new is None:
+                keys = torch.cat([old, torch.ones(b, f * p, dtype=torch.bool, device=x.device)], dim=1)
+                mask = keys[:, None, None, :]  # (B, 1, 1, Lk): same for every head and query
+            else:
+                mask = torch.cat([old[:, None, None, :].expand(b, 1, f * p, -1),
+                                  new.expand(b, 1, f * p, f * p)], dim=-1)  # (B, 1, Lq, Lk)
+        elif new is not None:
+            mask = torch.cat([torch.ones(f * p, lay.valid_slots * p, dtype=torch.bool, device=x.device),
+                              new], dim=1)  # (Lq, Lk)
         for layer, blk in enumerate(self.blocks):
             q, k_new, v_new, mods = blk.pre(tokens, cond, self.rope)
             q = self.rope.rotate_time(q, qcos, qsin)
@@ -300,13 +312,24 @@ class DiT(nn.Module):
 
     @torch.no_grad()
     def refresh(self, x0: torch.Tensor, actions: torch.Tensor, cache: KVCache) -> None:
-        """Write the clean K/V of block ``x0`` (B, k, h, w, c) at sigma = 0 and advance the cache.
+        """Write the clean K/V of ``x0`` (B, n*k, h, w, c), one or more whole blocks, at sigma = 0
+        and advance the cache: the same K/V as refreshing block after block.
 
-        To re-seed single worlds of a batch, pass ``cache.row(j)`` and that world's rows.
+        Several blocks that fit in the cache without evicting go in one block-causal pass (seeding
+        a context: one model call instead of one per frame); otherwise block by block, since an
+        eviction changes what the later blocks may see. To re-seed single worlds of a batch, pass
+        ``cache.row(j)`` and that world's rows.
         """
+        k, f = self.cfg.frames_per_block, x0.shape[1]
+        if f % k:
+            raise ValueError(f"refresh takes whole blocks of {k} frames, got {f}")
+        if f > k and max(cache.counts) + f > cache.slots:
+            for s in range(0, f, k):
+                self.refresh(x0[:, s:s + k], actions[:, s:s + k], cache)
+            return
         sigma = torch.zeros(x0.shape[:2], device=x0.device)
-        self._cached(x0, sigma, actions, cache, write=True)  # output head skipped
-        cache.advance(x0.shape[1])
+        self._cached(x0, sigma, actions, cache, write=True, causal=f > k)  # output head skipped
+        cache.advance(f)
 
     def compile_blocks(self, **kwargs) -> None:
         """torch.compile each block's dense parts; cache bookkeeping stays eager Python."""

@@ -137,8 +137,8 @@ class Engine:
         """Start worlds over; returns every world's current frame, uint8 (B, H, W, 3).
 
         ``context``: None (first frame from noise, first-frame step list), real frames uint8
-        (T, H, W, 3) shared by all worlds or (B, T, H, W, 3) per world (any size: resized), or the
-        path of an image file. ``actions`` (T,) / (B, T): the actions that led to those frames
+        (T, H, W, 3) shared by all worlds or (B, T, H, W, 3) per world (any size: resized; only
+        the newest frames the KV cache holds are used), or the path of an image file. ``actions`` (T,) / (B, T): the actions that led to those frames
         (default: unknown, -1). ``worlds``: reset only these batch rows (default all); the model
         then runs on those rows alone, the others keep playing untouched.
         """
@@ -170,6 +170,21 @@ class Engine:
                     frame, latent = self._seed_context(cache, ctx[j:j + 1], acts[j:j + 1])
             self.frames[j], self.latents[j] = frame[0], latent[0]
         return self.frames.copy()
+
+    @torch.no_grad()
+    def warm_up(self) -> None:
+        """Make one throw-away frame (context seed, denoise, decode, refresh) and forget it, so
+        one-time costs (allocations, kernel selection: the first model call is ~2x slower) are
+        paid while loading, not by the first frame a player sees. The RNG state is restored and
+        the next ``reset`` starts from nothing, so results do not change."""
+        state = self.generator.get_state()
+        h, w, _ = self.frame_shape
+        self.reset(np.zeros((self.cache.slots - self.cache.slots % self.block, h, w, 3), np.uint8))
+        self.step(0)
+        self.flush()
+        self.cache.reset()
+        self.generator.set_state(state)
+        self._buffer, self.frames, self.latents, self.frame_index, self.timing = [], None, None, 0, {}
 
     @torch.no_grad()
     def step(self, actions) -> np.ndarray:
@@ -282,7 +297,11 @@ class Engine:
         t = ctx.shape[1]
         acts = np.full((self.batch, t), -1, np.int64) if actions is None else np.array(
             np.broadcast_to(np.asarray(actions, np.int64), (self.batch, t)))
-        keep = t - t % self.block  # whole blocks only, newest kept
+        # Whole blocks only, newest kept, and no more than the cache holds: older frames would be
+        # evicted while seeding (the model never saw a context longer than its training clips),
+        # and a context that fits is written in one model call.
+        keep = min(t, self.cache.slots)
+        keep -= keep % self.block
         if keep == 0:
             raise ValueError(f"context needs at least {self.block} frames for this chunk-wise model")
         return np.ascontiguousarray(ctx[:, t - keep:]), acts[:, t - keep:]
@@ -291,6 +310,5 @@ class Engine:
         """Encode real frames (b, T, H, W, 3) and write them into ``cache``; last frame + latents."""
         latents = self.tokenizer.encode(torch.from_numpy(ctx).to(self.device))
         acts_t = torch.from_numpy(acts).to(self.device)
-        for s in range(0, ctx.shape[1], self.block):
-            self.dit.refresh(latents[:, s:s + self.block], acts_t[:, s:s + self.block], cache)
+        self.dit.refresh(latents, acts_t, cache)  # whole blocks, block-causal, one pass
         return ctx[:, -1].copy(), latents[:, -1]
