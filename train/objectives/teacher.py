@@ -92,16 +92,22 @@ class DiTStage(Objective):
     @torch.no_grad()
     def evaluate(self, step: int, nets: Mapping[str, nn.Module],
                  batches: Iterator[TensorDict]) -> dict[str, float]:
-        """Validation loss at fixed noise levels (same batches and noise every time)."""
+        """Validation loss at fixed noise levels (same batches and noise every time), and how
+        much worse it gets with another clip's actions (same frames, same noise): `action_gain`
+        near 0 means the model does not use the actions yet, whatever its loss."""
         batch = next(batches)
         x0, actions = batch["latents"].float(), batch["actions"].long()
+        others = actions.roll(1, dims=0)
         out = {}
         state = torch.random.get_rng_state()
-        torch.manual_seed(0)
-        for s in (0.25, 0.5, 0.75, 1.0):
+        for i, s in enumerate((0.25, 0.5, 0.75, 1.0)):
             sigma = torch.full(x0.shape[:2], s, device=x0.device)
+            torch.manual_seed(i)
             loss, _ = self.flow_loss(nets["dit"], x0, actions, sigma)
+            torch.manual_seed(i)
+            shuffled, _ = self.flow_loss(nets["dit"], x0, others, sigma)
             out[f"val_mse@{s}"] = loss.item()
+            out[f"action_gain@{s}"] = shuffled.item() - loss.item()
         torch.random.set_rng_state(state)
         return out
 
