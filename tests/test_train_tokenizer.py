@@ -142,3 +142,41 @@ def test_decoder_only_fine_tune_keeps_the_latent_space(tokenizer_run: Path, tmp_
         "seed=1", "data.batch_size=4", "progress=false", "device=cpu"])
     with pytest.raises(CheckpointError, match="decoder fine-tune"):
         swap_decoder(world, train(other) / "export")
+
+
+def test_scale_equivariance_adds_the_pooled_reconstruction_loss() -> None:
+    from torch.nn.functional import avg_pool2d
+
+    from train.objectives import TrainContext
+    from train.objectives.tokenizer import TokenizerObjective
+    from train.app import compose_config
+
+    model = compose_config(["model=tiny"]).model
+    ctx = TrainContext(device=torch.device("cpu"), dtype=torch.float32, rank=0, world_size=1,
+                       run_dir=Path("."), init_from=None, seed=0,
+                       model={"tokenizer": dict(model.tokenizer)})
+    cfg = TokenizerStageConfig(scale_equivariance=0.5)
+    obj = TokenizerObjective(cfg, ctx)
+    frames = torch.randint(0, 255, (2, 1, 64, 64, 3), dtype=torch.uint8)
+    loss, logs = obj.loss("tokenizer", {"frames": frames}, 0, {"tokenizer": obj.tokenizer})
+    # by hand: the full-size loss + 0.5 x the loss of the decoded 2x2-pooled latents vs the pooled frame
+    images = frames.flatten(0, 1).movedim(-1, -3).float() / 127.5 - 1
+    recon, raw = obj.tokenizer(images)
+    z = raw.permute(0, 3, 1, 2)
+    small = obj.tokenizer.decoder(avg_pool2d(z, 2).contiguous(memory_format=torch.channels_last))
+    assert small.shape == (2, 3, 32, 32)
+    full, _ = reconstruction_loss(recon, images, cfg)
+    pooled, _ = reconstruction_loss(small, avg_pool2d(images, 2), cfg)
+    expect = full + 0.5 * pooled + cfg.latent_l2 * raw.pow(2).mean()
+    torch.testing.assert_close(loss, expect, rtol=1e-5, atol=1e-6)
+    assert logs["se_loss"] == pytest.approx(pooled.item(), rel=1e-5)
+
+
+def test_latent_roughness_is_one_for_white_noise_and_zero_for_smooth_maps() -> None:
+    from train.objectives.tokenizer import latent_roughness
+
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(64, 8, 8, 4, generator=g)
+    assert latent_roughness(noise).item() == pytest.approx(1.0, abs=0.05)
+    smooth = torch.randn(64, 8, 1, 4, generator=g).expand(64, 8, 8, 4)  # constant along w
+    assert latent_roughness(smooth).item() == pytest.approx(0.0, abs=1e-6)

@@ -277,11 +277,23 @@ class Tokenizer(nn.Module):
         x = self.decoder(z.contiguous(memory_format=CL))
         return x.float().reshape(*lead, 3, *self.config.frame_shape[:2])
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, images: torch.Tensor, downsampled: bool = False
+                ) -> tuple[torch.Tensor, ...]:
         """images (..., 3, H, W) in [-1, 1] -> (recon (..., 3, H, W) fp32, raw latents (..., h, w, c)
-        fp32). Raw, because the autoencoder is trained before its statistics are fitted."""
+        fp32). Raw, because the autoencoder is trained before its statistics are fitted.
+
+        ``downsampled``: also decode the latents average-pooled 2x2, (..., 3, H/2, W/2) fp32, for
+        the scale-equivariance regulariser (the decoder is fully convolutional); computed here so
+        that a DDP-wrapped tokenizer sees every decoder call in its forward.
+        """
         raw = self.encode_images(images, normalize=False)
-        return self.decode_images(raw, normalized=False), raw
+        recon = self.decode_images(raw, normalized=False)
+        if not downsampled:
+            return recon, raw
+        lead = raw.shape[:-3]
+        z = raw.reshape(-1, *self.config.latent_shape).to(self.dtype).permute(0, 3, 1, 2)
+        small = self.decoder(F.avg_pool2d(z, 2).contiguous(memory_format=CL)).float()
+        return recon, raw, small.reshape(*lead, *small.shape[1:])
 
     # ----- uint8 frames <-> latents (recording, play) -------------------------------------
 

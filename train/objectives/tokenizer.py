@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tensordict import TensorDict
 
@@ -45,6 +46,11 @@ class TokenizerStageConfig:
     foreground: float = 4.0             # extra L1 weight on pixels that differ from the frame's median
     foreground_threshold: float = 0.1   # |pixel - median| above this (in [-1, 1] units) is foreground
     latent_l2: float = 1e-4             # keeps raw latents from drifting in scale before normalisation
+    # Scale equivariance (Skorokhodov et al. 2025, "Improving the diffusability of autoencoders"):
+    # the decoder must also turn 2x2-average-pooled latents into the 2x2-average-pooled frame, with
+    # this weight on that reconstruction loss. It makes the low latent frequencies carry the image
+    # and stops high-frequency latent detail (noise to a diffusion model) from paying off.
+    scale_equivariance: float = 0.0
     norm_batches: int = 8               # batches encoded at export to fit the latent statistics
     # Decoder fine-tuning of an existing tokenizer (``init_from=<tokenizer export>``): the encoder
     # and the latent statistics stay frozen, so every model trained on its latents stays valid,
@@ -86,6 +92,13 @@ def reconstruction_loss(recon: torch.Tensor, target: torch.Tensor, cfg: Tokenize
                   "fg_frac": fg.mean().detach()}
 
 
+def latent_roughness(raw: torch.Tensor) -> torch.Tensor:
+    """(N, h, w, c) latents -> mean over channels of E[(z[x+1] - z[x])^2] / (2 Var z)."""
+    z = raw.float().flatten(0, -4)
+    diff = (z[:, :, 1:] - z[:, :, :-1]).pow(2).mean((0, 1, 2))
+    return (diff / (2 * z.var((0, 1, 2)).clamp_min(1e-12))).mean()
+
+
 def psnr(recon: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """PSNR in dB of images in [-1, 1] after rounding to uint8 levels, over `mask` pixels if given."""
     q = lambda x: ((x.float().clamp(-1, 1) + 1) * 127.5).round()  # noqa: E731
@@ -123,8 +136,13 @@ class TokenizerObjective(Objective):
     def loss(self, name: str, batch: TensorDict, step: int,
              nets: Mapping[str, nn.Module]) -> tuple[torch.Tensor, Logs]:
         images = frames_to_images(batch["frames"]).flatten(0, 1)  # (B*T, 3, H, W)
-        recon, raw = nets["tokenizer"](images)
+        se = self.cfg.scale_equivariance
+        recon, raw, *small = nets["tokenizer"](images, downsampled=se > 0)
         loss, logs = reconstruction_loss(recon, images, self.cfg)
+        if se > 0:
+            small_loss, _ = reconstruction_loss(small[0], F.avg_pool2d(images, 2), self.cfg)
+            loss = loss + se * small_loss
+            logs["se_loss"] = small_loss.detach()
         latent_l2 = raw.float().pow(2).mean()
         logs["latent_rms"] = latent_l2.detach().sqrt()
         return loss + self.cfg.latent_l2 * latent_l2, logs
@@ -132,11 +150,15 @@ class TokenizerObjective(Objective):
     @torch.no_grad()
     def evaluate(self, step: int, nets: Mapping[str, nn.Module],
                  batches: Iterator[TensorDict]) -> dict[str, float]:
-        """PSNR over whole frames and over foreground (sprite) pixels only."""
+        """PSNR over whole frames and over foreground (sprite) pixels only, and the latents'
+        spatial roughness: mean squared difference of horizontally neighbouring latents over twice
+        the per-channel variance (about 1 for white noise, 0 for constant maps). Rough latents are
+        hard for a diffusion model to predict, whatever the reconstruction PSNR."""
         images = frames_to_images(next(batches)["frames"]).flatten(0, 1)
-        recon, _ = nets["tokenizer"](images)
+        recon, raw = nets["tokenizer"](images)
         fg = foreground_mask(images, self.cfg.foreground_threshold)
-        return {"psnr": psnr(recon, images).item(), "psnr_fg": psnr(recon, images, fg).item()}
+        return {"psnr": psnr(recon, images).item(), "psnr_fg": psnr(recon, images, fg).item(),
+                "latent_roughness": latent_roughness(raw).item()}
 
     @torch.no_grad()
     def export(self, out_dir: Path, weights: Mapping[str, dict[str, torch.Tensor]],
