@@ -16,7 +16,7 @@ from record.writer import EpisodeWriter
 from tests.conftest import make_tiny_world
 from train.eval import metrics as M
 from train.eval.reference import Reference
-from train.eval.score import fidelity, shuffle_in_time
+from train.eval.score import fidelity, other_clips, shuffle_in_time
 from train.eval.split import Clips, anchors, held_out_count, split_ids
 from train.evaluate import main as evaluate_main
 from worldmodel.checkpoint import save_world
@@ -87,7 +87,7 @@ def toy_clips() -> Clips:
 def test_repeat_last_baseline_on_a_hand_made_sequence() -> None:
     clips = toy_clips()
     gen = clips.future_frames.copy()
-    fid, _ = fidelity(clips, gen, gen, reference(np.zeros((8, 16, 3), np.uint8)), [1, 4])
+    fid, _, _ = fidelity(clips, gen, gen, reference(np.zeros((8, 16, 3), np.uint8)), [1, 4])
     # clip 0: at h=1 the sprite moved by one pixel: 2 old + 2 new pixels differ from the last context frame
     real, last = clips.future_frames[:, 0], clips.last_context
     expected = M.mean_db(M.psnr(np.repeat(last[:, None], 1, 1)[:, 0], real))
@@ -107,12 +107,16 @@ def test_delta_psnr_is_positive_for_an_oracle_and_zero_for_an_action_blind_model
     assert not np.array_equal(shuffled, fut) and np.array_equal(np.sort(shuffled), np.sort(fut))
     oracle = lambda acts: np.stack([sprite_sequence(simulate(5, a)) for a in acts])  # noqa: E731
     ref = reference(np.zeros((8, 16, 3), np.uint8))
-    _, delta = fidelity(clips, oracle(fut), oracle(shuffled), ref, [1, 3, 6])
+    other = other_clips(fut, seed=3)
+    assert sorted(map(tuple, other)) == sorted(map(tuple, fut))  # rows moved, not made up
+    assert all(not np.array_equal(o, f) for o, f in zip(other, fut))
+    _, delta, delta_other = fidelity(clips, oracle(fut), oracle(shuffled), ref, [1, 3, 6], other=oracle(other))
     assert delta["1"] > 10 and delta["3"] > 10, delta
     assert delta["6"] == 0  # a permutation of moves ends where the recording does: Δ-PSNR can be 0
+    assert delta_other["6"] > 10, delta_other  # another clip's moves do not: the end state differs
     blind = np.repeat(clips.last_context[:, None], 6, axis=1)  # ignores actions: same frames either way
-    _, delta = fidelity(clips, blind, blind, ref, [2, 6])
-    assert all(d == 0 for d in delta.values())
+    _, delta, delta_other = fidelity(clips, blind, blind, ref, [2, 6], other=blind)
+    assert all(d == 0 for d in delta.values()) and all(d == 0 for d in delta_other.values())
 
 
 def test_held_out_split_and_anchors() -> None:
@@ -168,7 +172,7 @@ def test_evaluate_cli_writes_metrics_plots_and_videos(tiny: Path, capsys) -> Non
     f1 = m["fidelity"]["1"]
     for key in ("psnr", "ssim", "psnr_dynamic", "repeat_last", "mean_frame", "tokenizer", "psnr_shuffled"):
         assert key in f1
-    assert set(m["controllability"]["delta_psnr"]) == {"1", "4"}
+    assert set(m["controllability"]["delta_psnr"]) == set(m["controllability"]["delta_psnr_other"]) == {"1", "4"}
     probe = m["controllability"]["probe"]
     assert 0 <= probe["real_accuracy"] <= 1 and 0 <= probe["generated_accuracy"] <= 1
     assert set(m["drift"]["flags"]) == {"out_of_range", "frozen", "flat"} and m["drift"]["frames"] == 12
