@@ -9,7 +9,8 @@
 
 Held-out episodes: the last 10% of the dataset's episodes by sorted id (at least one); see
 `train/eval/split.py`. Per checkpoint: fidelity vs horizon (PSNR, SSIM, dynamic-region PSNR)
-beside the repeat-last and mean-frame baselines, Δ-PSNR and the inverse-dynamics probe,
+beside the repeat-last and mean-frame baselines, Δ-PSNR (against the future actions shuffled in
+time and against another held-out clip's actions) and the inverse-dynamics probe,
 drift over a long random-action rollout, speed. `steps`, `sampler`, `cfg_scale` and `protocol`
 take one value for all checkpoints or a list with one per checkpoint; unset, each world's own
 engine defaults apply. The bidirectional teacher (a world whose info says stage "teacher") is
