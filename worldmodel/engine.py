@@ -138,8 +138,8 @@ class Engine:
 
         ``context``: None (first frame from noise, first-frame step list), real frames uint8
         (T, H, W, 3) shared by all worlds or (B, T, H, W, 3) per world (any size: resized; only
-        the newest frames the KV cache holds are used), or the path of an image file. ``actions`` (T,) / (B, T): the actions that led to those frames
-        (default: unknown, -1). ``worlds``: reset only these batch rows (default all); the model
+        the newest frames the KV cache holds are used), or the path of an image file.
+        ``actions`` (T,) / (B, T): the actions that led to those frames (default: unknown, -1). ``worlds``: reset only these batch rows (default all); the model
         then runs on those rows alone, the others keep playing untouched.
         """
         if seed is not None:
@@ -289,22 +289,25 @@ class Engine:
         if ctx.dtype != np.uint8 or ctx.ndim not in (4, 5) or ctx.shape[-1] != 3:
             raise ValueError(f"context must be uint8 frames (T, H, W, 3) or (B, T, H, W, 3), got "
                              f"{ctx.dtype} {ctx.shape}")
-        if ctx.ndim == 4:
-            ctx = np.repeat(ctx[None], self.batch, axis=0)
-        if ctx.shape[2:4] != (h, w):
-            ctx = np.stack([[cv2.resize(f, (w, h), interpolation=cv2.INTER_AREA) for f in seq]
-                            for seq in ctx])
-        t = ctx.shape[1]
+        t = ctx.shape[-4]
         acts = np.full((self.batch, t), -1, np.int64) if actions is None else np.array(
             np.broadcast_to(np.asarray(actions, np.int64), (self.batch, t)))
         # Whole blocks only, newest kept, and no more than the cache holds: older frames would be
         # evicted while seeding (the model never saw a context longer than its training clips),
-        # and a context that fits is written in one model call.
+        # and a context that fits is written in one model call. Cropped before resizing and
+        # before copying a shared context to every world, so dropped frames cost nothing.
         keep = min(t, self.cache.slots)
         keep -= keep % self.block
         if keep == 0:
             raise ValueError(f"context needs at least {self.block} frames for this chunk-wise model")
-        return np.ascontiguousarray(ctx[:, t - keep:]), acts[:, t - keep:]
+        ctx, acts = ctx[..., t - keep:, :, :, :], acts[:, t - keep:]
+        if ctx.shape[-3:-1] != (h, w):
+            flat = ctx.reshape(-1, *ctx.shape[-3:])
+            ctx = np.stack([cv2.resize(f, (w, h), interpolation=cv2.INTER_AREA) for f in flat]
+                           ).reshape(*ctx.shape[:-3], h, w, 3)
+        if ctx.ndim == 4:
+            ctx = np.repeat(ctx[None], self.batch, axis=0)
+        return np.ascontiguousarray(ctx), acts
 
     def _seed_context(self, cache, ctx: np.ndarray, acts: np.ndarray):
         """Encode real frames (b, T, H, W, 3) and write them into ``cache``; last frame + latents."""

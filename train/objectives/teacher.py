@@ -94,20 +94,22 @@ class DiTStage(Objective):
                  batches: Iterator[TensorDict]) -> dict[str, float]:
         """Validation loss at fixed noise levels (same batches and noise every time), and how
         much worse it gets with another clip's actions (same frames, same noise): `action_gain`
-        near 0 means the model does not use the actions yet, whatever its loss."""
+        near 0 means the model does not use the actions yet, whatever its loss. A batch of one
+        clip has no other clip: then only the loss is reported."""
         batch = next(batches)
         x0, actions = batch["latents"].float(), batch["actions"].long()
-        others = actions.roll(1, dims=0)
+        others = actions.roll(1, dims=0) if len(actions) > 1 else None
         out = {}
         state = torch.random.get_rng_state()
         for i, s in enumerate((0.25, 0.5, 0.75, 1.0)):
             sigma = torch.full(x0.shape[:2], s, device=x0.device)
             torch.manual_seed(i)
             loss, _ = self.flow_loss(nets["dit"], x0, actions, sigma)
-            torch.manual_seed(i)
-            shuffled, _ = self.flow_loss(nets["dit"], x0, others, sigma)
             out[f"val_mse@{s}"] = loss.item()
-            out[f"action_gain@{s}"] = shuffled.item() - loss.item()
+            if others is not None:
+                torch.manual_seed(i)
+                shuffled, _ = self.flow_loss(nets["dit"], x0, others, sigma)
+                out[f"action_gain@{s}"] = shuffled.item() - loss.item()
         torch.random.set_rng_state(state)
         return out
 
