@@ -31,6 +31,12 @@ def test_record_train_all_evaluate_play(tmp_path: Path) -> None:
     timings = json.loads((runs / "pipeline_timings.json").read_text())
     assert set(timings) == {"tokenizer", "teacher", "ar", "causal_cd", "causal_ode", "dmd", "rewards"}
     check_shippable(world, data)
+    # The causal-score DMD variant runs from the same exports; a wrong score export exits 2.
+    dmd = ["stage=dmd", f"data={data}", "model=tiny", f"runs_root={runs}", "steps=2", "progress=false",
+           "data.batch_size=4", "stage.real_score=ar", f"run_dir={tmp_path / 'dmd_ar'}"]
+    assert train_main(dmd) == 0
+    assert (tmp_path / "dmd_ar" / "export" / "world.safetensors").exists()
+    assert train_main([*dmd, f"stage.ar={runs / 'teacher' / 'export'}"]) == 2
     # The standalone assembler makes the same world from the stage exports; bad input exits 2.
     again = tmp_path / "again.safetensors"
     assert assemble_main(["--runs-root", str(runs), "--data", str(data), "--out", str(again)]) == 0

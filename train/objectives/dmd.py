@@ -40,6 +40,8 @@ class DMDConfig:
     steps: int = 2                  # denoising steps of the student (1, 2 or 4)
     frames_per_block: int = 1       # 1 frame-wise; 3 = the chunk-wise baseline
     teacher: str | None = None      # bidirectional teacher export (real score, critic init)
+    real_score: str = "teacher"     # "teacher" (reference) or "ar": causal scores, see above
+    ar: str | None = None           # the ar export, used when real_score == "ar"
     lr_generator: float = 1e-5
     lr_critic: float = 2e-6
     betas: tuple[float, float] = (0.0, 0.999)
@@ -61,20 +63,27 @@ class DMDObjective(Objective):
 
     def __init__(self, cfg: DMDConfig, ctx: TrainContext) -> None:
         super().__init__(cfg, ctx)
-        if ctx.init_from is None or not cfg.teacher:
-            raise StageError("stage dmd needs init_from=<causal_cd or causal_ode export> and "
-                             "stage.teacher=<teacher export>")
+        if ctx.init_from is None:
+            raise StageError("stage dmd needs init_from=<causal_cd or causal_ode export>")
         meta = read_export(ctx.init_from)
         if meta.get("stage") not in ("causal_cd", "causal_ode", "ar", "dmd"):
             raise StageError(f"{ctx.init_from} is a {meta.get('stage')!r} export; dmd starts from a "
                              "causal student (causal_cd or causal_ode)")
-        if read_export(cfg.teacher).get("stage") != "teacher":
-            raise StageError(f"stage.teacher={cfg.teacher} is not a bidirectional teacher export")
+        if cfg.real_score not in ("teacher", "ar"):
+            raise StageError(f"stage.real_score={cfg.real_score!r}: use 'teacher' or 'ar'")
+        self.causal_score = cfg.real_score == "ar"
+        score_dir = cfg.ar if self.causal_score else cfg.teacher
+        want = "ar" if self.causal_score else "teacher"
+        if not score_dir or read_export(Path(score_dir)).get("stage") != want:
+            opt = "stage.ar" if self.causal_score else "stage.teacher"
+            raise StageError(f"{opt}={score_dir} is not a{'n' if want == 'ar' else ''} {want} export "
+                             f"(stage.real_score={cfg.real_score})")
         if cfg.context_frames % cfg.frames_per_block:
             raise StageError("context_frames must be a multiple of frames_per_block")
         self.generator = dit_from_export(ctx.init_from, frames_per_block=cfg.frames_per_block)
-        self.real = dit_from_export(Path(cfg.teacher)).requires_grad_(False).eval()
-        self.critic = dit_from_export(Path(cfg.teacher))
+        # the ar model keeps its own block size: its teacher-forcing mask is what it learned
+        self.real = dit_from_export(Path(score_dir)).requires_grad_(False).eval()
+        self.critic = dit_from_export(Path(score_dir))
         self.names = meta["action_names"]
         self.tokenizer = tokenizer_dir(cfg, ctx.init_from)
         self.step_list = diffusion.step_list(cfg.steps, cfg.shift)
@@ -115,6 +124,11 @@ class DMDObjective(Objective):
         mask[:, :c] = False
         return x_hat, mask
 
+    def score(self, net: nn.Module, x_t: torch.Tensor, sigma: torch.Tensor, actions: torch.Tensor,
+              x_hat: torch.Tensor) -> torch.Tensor:
+        """Velocity of a score network at x_t; a causal score sees the rollout's clean frames."""
+        return net(x_t, sigma, actions, clean=x_hat.detach() if self.causal_score else None)
+
     def loss(self, name: str, batch: TensorDict, step: int,
              nets: Mapping[str, nn.Module]) -> tuple[torch.Tensor, Logs]:
         actions = batch["actions"].long()
@@ -123,10 +137,12 @@ class DMDObjective(Objective):
             sigma = dmd_noise_level(x_hat.shape[0], self.cfg.shift, x_hat.device).expand(mask.shape)
             x_t = diffusion.add_noise(x_hat.detach(), torch.randn_like(x_hat), sigma)
             with torch.no_grad():
-                x0_c = diffusion.x0_from_velocity(x_t, self.real(x_t, sigma, actions), sigma)
-                x0_u = diffusion.x0_from_velocity(x_t, self.real(x_t, sigma, torch.full_like(actions, -1)), sigma)
+                null = torch.full_like(actions, -1)
+                x0_c = diffusion.x0_from_velocity(x_t, self.score(self.real, x_t, sigma, actions, x_hat), sigma)
+                x0_u = diffusion.x0_from_velocity(x_t, self.score(self.real, x_t, sigma, null, x_hat), sigma)
                 x0_real = diffusion.cfg_x0_dmd(x0_c, x0_u, self.cfg.guidance)
-                x0_fake = diffusion.x0_from_velocity(x_t, nets["critic"](x_t, sigma, actions), sigma)
+                x0_fake = diffusion.x0_from_velocity(x_t, self.score(nets["critic"], x_t, sigma, actions, x_hat),
+                                                     sigma)
                 grad = dmd_gradient(x_hat.detach(), x0_real, x0_fake, mask)
             loss = dmd_loss(x_hat, grad)
             return loss.float(), {"dmd_grad_rms": grad.pow(2).mean().sqrt()}
@@ -135,7 +151,7 @@ class DMDObjective(Objective):
         sigma = dmd_noise_level(x_hat.shape[0], self.cfg.shift, x_hat.device).expand(mask.shape)
         eps = torch.randn_like(x_hat)
         x_t = diffusion.add_noise(x_hat, eps, sigma)
-        v = nets["critic"](x_t, sigma, actions)
+        v = self.score(nets["critic"], x_t, sigma, actions, x_hat)
         return critic_flow_loss(v, eps, x_hat, mask), {}
 
     def export(self, out_dir: Path, weights: Mapping[str, dict[str, torch.Tensor]],
