@@ -122,9 +122,11 @@ class WorldModelEnv(gym.Env):
     def steps(self, value: int) -> None:
         self.runtime.steps = value
 
-    def flush(self) -> None:
-        """Do the last frame's cache refresh now (call it after showing the frame, while idle)."""
-        self.runtime.flush()
+    def flush(self, budget_ms: float | None = None) -> bool:
+        """Do the last frame's cache refresh now (call it after showing the frame, while idle).
+        With ``budget_ms`` (the idle time left) it runs only if it fits; otherwise it is fused
+        into the next frame's first model call. Returns whether it ran."""
+        return self.runtime.flush(budget_ms)
 
     # ---- Gymnasium API -----------------------------------------------------------------------
     def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:

@@ -173,6 +173,7 @@ class WorldRuntime:
         """Model time of the last frame: pending refresh (if not flushed) + denoise + decode."""
         return float(self.engine.timing.get("total_ms", 0.0))
 
-    def flush(self) -> None:
-        """Run the pending cache refresh now, while the caller would otherwise wait."""
-        self.engine.flush()
+    def flush(self, budget_ms: float | None = None) -> bool:
+        """Run the pending cache refresh now, while the caller would otherwise wait (if it fits
+        in ``budget_ms``; see ``Engine.flush``)."""
+        return self.engine.flush(budget_ms)

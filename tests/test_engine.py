@@ -56,6 +56,45 @@ def test_step_count_sets_model_calls(steps):
     hook.remove()
     assert n_denoise == steps and len(calls) == steps + 1
     assert eng.timing["steps"] == steps
+    calls.clear()
+    hook = eng.dit.patch_in.register_forward_hook(lambda *a: calls.append(1))
+    eng.step(1)   # no flush before: the pending refresh rides along the first call
+    eng.step(2)
+    hook.remove()
+    assert len(calls) == 2 * steps and eng.timing["fused"]
+
+
+def test_flush_with_a_budget_runs_only_what_fits():
+    world = make_tiny_world()
+    eng = engine(world, steps=2)
+    eng.reset(world.context_frames.numpy())
+    eng.step(0)
+    assert eng.flush() and eng.refresh_cost_ms > 0   # measured
+    eng.step(1)
+    assert not eng.flush(budget_ms=0.0) and eng._pending is not None  # left to the fused call
+    assert eng.flush(budget_ms=1e6) and eng._pending is None
+    assert not eng.flush()  # nothing pending
+
+
+@pytest.mark.parametrize("block,sampler,cfg_scale", [(1, "few_step", 1.0), (1, "euler", 2.0),
+                                                     (2, "few_step", 1.0)])
+def test_fused_refresh_makes_the_same_frames(block, sampler, cfg_scale):
+    """Fused (the refresh rides along the next frame's first call) or not, a long batched rollout
+    with a per-world reset gives the same latents (past the ring's capacity, with and without CFG)."""
+    world = make_tiny_world(frames_per_block=block)
+    runs = []
+    for fuse in (False, True):
+        eng = engine(world, batch=2, steps=2, sampler=sampler, cfg_scale=cfg_scale, fuse_refresh=fuse)
+        eng.reset(world.context_frames.numpy())
+        lat = []
+        for i in range(14):
+            eng.step([i % 4, (i + 1) % 4])
+            lat.append(eng.latents.clone())
+            if block == 1 and i == 6:
+                eng.reset(world.context_frames.numpy()[:3], worlds=[1])
+                lat.append(eng.latents.clone())
+        runs.append(torch.stack(lat))
+    torch.testing.assert_close(runs[1], runs[0], atol=1e-4, rtol=1e-4)
 
 
 def test_first_frame_from_noise_uses_first_frame_list():

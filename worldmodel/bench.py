@@ -4,7 +4,9 @@
 
 Random weights at a named size (speed does not depend on the values). Each configuration runs
 the real ``Engine``: a frame costs K denoising calls + decode + the clean-cache refresh, all
-timed (the refresh is included even though the engine can hide it in idle time). Steady-state
+timed (the refresh is included even though the engine can hide it in idle time); ``*_fused``
+configurations leave the refresh to ride along the next frame's first call, as uncapped play
+does (``worldmodel/fused_refresh.py``). Steady-state
 numbers are taken with a full cache (window + sink frames). Beside each time the compute floor
 is printed: FLOPs counted by ``torch.utils.flop_counter`` divided by a measured matmul rate.
 """
@@ -26,11 +28,14 @@ from worldmodel.dit import DIT_SIZES, build_dit
 from worldmodel.engine import Engine, EngineConfig, auto_dtype
 from worldmodel.tokenizer import Tokenizer, tokenizer_config
 
-CONFIGS = {  # name -> (denoising steps, frames per block)
-    "framewise_1step": (1, 1),
-    "framewise_2step": (2, 1),
-    "framewise_4step": (4, 1),
-    "chunkwise_4step": (4, 3),
+CONFIGS = {  # name -> (denoising steps, frames per block, refresh fused into the next call)
+    "framewise_1step": (1, 1, False),
+    "framewise_2step": (2, 1, False),
+    "framewise_4step": (4, 1, False),
+    "chunkwise_4step": (4, 3, False),
+    "framewise_1step_fused": (1, 1, True),
+    "framewise_2step_fused": (2, 1, True),
+    "chunkwise_4step_fused": (4, 3, True),
 }
 
 
@@ -53,11 +58,11 @@ def matmul_rate(width: int, dtype: torch.dtype, tokens: int = 64, reps: int = 50
     return 2 * tokens * width * 4 * width * reps / (time.perf_counter() - t) / 1e9
 
 
-def bench_config(size: str, steps: int, block: int, dtype: str, compile_: bool, frames: int,
-                 train_frames: int) -> dict:
+def bench_config(size: str, steps: int, block: int, fused: bool, dtype: str, compile_: bool,
+                 frames: int, train_frames: int) -> dict:
     world = random_world(size, block, train_frames)
     eng = Engine(world, EngineConfig(steps=steps, first_frame_steps=4, dtype=dtype, compile=compile_,
-                                     sink=block, seed=0))
+                                     sink=block, seed=0, fuse_refresh=fused))
     if compile_:  # warm the compiled graphs (cold compile is not a latency a player sees twice)
         eng.reset(None)
         for _ in range(eng.cache.slots + 2):
@@ -72,13 +77,15 @@ def bench_config(size: str, steps: int, block: int, dtype: str, compile_: bool, 
     times = []
     for i in range(frames):
         t = time.perf_counter()
-        eng.step(i % world.dit.cfg.num_actions)
-        eng.flush()  # the refresh is part of every frame's cost
+        eng.step(i % world.dit.cfg.num_actions)  # fused: includes the previous frame's refresh
+        if not fused:
+            eng.flush()  # the refresh is part of every frame's cost
         times.append((time.perf_counter() - t) * 1e3)
     # chunk-wise: block cost is spread over its frames; average whole blocks
     n = len(times) - len(times) % block
     frame_ms = statistics.fmean(times[:n]) if block > 1 else statistics.median(times)
-    with FlopCounterMode(display=False) as fc:
+    eng.flush()
+    with FlopCounterMode(display=False) as fc:  # one frame: its calls and its refresh
         eng.step(0)
         eng.flush()
         if block > 1:
@@ -110,12 +117,13 @@ def main(argv: list[str] | None = None) -> int:
     out: dict = {"model": args.model, "threads": torch.get_num_threads(), "compile": args.compile,
                  "dtype": str(dtype).removeprefix("torch."), "matmul_gflops": round(rate, 1)}
     for name in args.only or CONFIGS:
-        steps, block = CONFIGS[name]
-        r = bench_config(args.model, steps, block, args.dtype, args.compile, args.frames, args.train_frames)
+        steps, block, fused = CONFIGS[name]
+        r = bench_config(args.model, steps, block, fused, args.dtype, args.compile, args.frames,
+                         args.train_frames)
         r["floor_ms"] = round(r["flops_per_frame"] / rate / 1e6, 2)
         out[name] = r
         if not args.json:
-            print(f"{name:16s} first frame {r['first_frame_ms']:7.1f} ms | frame {r['frame_ms']:6.2f} ms "
+            print(f"{name:22s} first frame {r['first_frame_ms']:7.1f} ms | frame {r['frame_ms']:6.2f} ms "
                   f"({r['fps']:5.1f} FPS) | {r['flops_per_frame'] / 1e9:5.2f} GFLOP/frame, "
                   f"compute floor {r['floor_ms']:5.2f} ms", flush=True)
     out["flops_per_frame"] = out[(args.only or list(CONFIGS))[0]]["flops_per_frame"]

@@ -5,7 +5,9 @@ sampler (1, 2 or 4 model calls against the cache; the 4-step first-frame list wh
 empty) -> decode -> uint8 frame returned at once. The clean-cache refresh of that frame (one more
 call at sigma = 0) is left *pending* and runs at the start of the next step, or earlier when the
 caller has idle time (``flush()``, e.g. while a play loop waits for its next tick), so it is off
-the key-to-frame path.
+the key-to-frame path. When it is still pending at the next step, it runs fused with that step's
+first model call (``fused_refresh.py``: one call with twice the queries instead of two calls, the
+same numbers): uncapped 2-step play then costs two model calls per frame instead of three.
 
 Chunk-wise models (``frames_per_block = k > 1``) generate k frames per block from the action
 given at the block's first frame; the next k-1 steps return the buffered frames (their actions
@@ -24,6 +26,7 @@ import torch
 
 from worldmodel import diffusion, samplers
 from worldmodel.checkpoint import World, load_world
+from worldmodel.fused_refresh import refresh_and_forward
 
 
 def auto_dtype(device: torch.device | str) -> torch.dtype:
@@ -50,6 +53,7 @@ class EngineConfig:
     device: str = "cpu"
     dtype: str = "auto"            # "auto", "float32" or "bfloat16"
     compile: bool = False
+    fuse_refresh: bool = True      # a pending refresh rides along the next frame's first call
     seed: int | None = None
 
     @classmethod
@@ -97,6 +101,7 @@ class Engine:
         self.latents: torch.Tensor | None = None  # (B, h, w, c) its latents
         self.frame_index = 0
         self.timing: dict[str, float] = {}
+        self.refresh_cost_ms: float | None = None  # last stand-alone refresh (warm_up measures one)
 
     @classmethod
     def load(cls, path: str | Path, batch: int = 1, **overrides) -> "Engine":
@@ -198,10 +203,20 @@ class Engine:
         self.frames, self.latents = self._generate(acts)
         return self.frames
 
-    def flush(self) -> None:
-        """Run the pending clean-cache refresh now (call it while idle, e.g. waiting for a tick)."""
+    def flush(self, budget_ms: float | None = None) -> bool:
+        """Run the pending clean-cache refresh now (call it while idle, e.g. waiting for a tick).
+
+        ``budget_ms``: the idle time there is; the refresh runs only if its last measured cost
+        fits, otherwise it stays pending and rides along the next frame's first call (fused), so
+        it never delays a frame by a whole extra call. Returns whether a refresh ran.
+        """
+        fits = (budget_ms is None or not self.config.fuse_refresh or self.refresh_cost_ms is None
+                or self.refresh_cost_ms <= budget_ms)
+        if self._pending is None or not fits:
+            return False
         with torch.no_grad():
             self._pending_flush()
+        return True
 
     # ---- internals ----------------------------------------------------------------------------
     def _check_actions(self, actions) -> torch.Tensor:
@@ -224,21 +239,27 @@ class Engine:
         x0, acts = self._pending
         self._pending = None
         self.dit.refresh(x0, acts, self.cache)
-        return (time.perf_counter() - t0) * 1e3
+        self.refresh_cost_ms = (time.perf_counter() - t0) * 1e3
+        return self.refresh_cost_ms
 
-    def _denoiser(self, acts: torch.Tensor, cache):
-        """x0-denoiser for one block against ``cache``, with optional action CFG."""
+    def _denoiser(self, acts: torch.Tensor, cache, pending: list | None = None):
+        """x0-denoiser for one block against ``cache``, with optional action CFG. ``pending``: a
+        list holding the previous block's (x0, actions); the first model call writes it into the
+        cache in the same pass (fused refresh) and empties the list."""
+        def velocity(x: torch.Tensor, sigma: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+            if pending:
+                return refresh_and_forward(self.dit, *pending.pop(), x, sigma, a, cache)
+            return self.dit.forward_cached(x, sigma, a, cache)
+
         def cond(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-            v = self.dit.forward_cached(x, sigma, acts, cache)
-            return diffusion.x0_from_velocity(x, v, sigma)
+            return diffusion.x0_from_velocity(x, velocity(x, sigma, acts), sigma)
 
         if self.config.cfg_scale == 1.0:
             return cond
         null = torch.full_like(acts, -1)
 
         def uncond(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-            v = self.dit.forward_cached(x, sigma, null, cache)
-            return diffusion.x0_from_velocity(x, v, sigma)
+            return diffusion.x0_from_velocity(x, velocity(x, sigma, null), sigma)
 
         return samplers.cfg_denoiser(cond, uncond, self.config.cfg_scale)
 
@@ -248,30 +269,34 @@ class Engine:
             return diffusion.grid(n, self.config.shift)
         return diffusion.step_list(n, self.config.shift)
 
-    def _sample_block(self, cache, acts: torch.Tensor, first: bool) -> torch.Tensor:
+    def _sample_block(self, cache, acts: torch.Tensor, first: bool, pending: list | None = None) -> torch.Tensor:
         """Latents x0 (b, k, h, w, c) of the next block of every world in ``cache``."""
         cfg = self.dit.cfg
         noise = torch.randn((cache.batch, self.block, cfg.latent_size, cfg.latent_size, cfg.latent_channels),
                             generator=self.generator, device=self.device)
         sample = samplers.euler if self.config.sampler == "euler" else samplers.few_step
-        denoise = self._denoiser(acts, cache)
+        denoise = self._denoiser(acts, cache, pending)
         return sample(denoise, noise, self._sigmas(first), generator=self.generator)
 
     def _generate(self, acts: torch.Tensor):
         """Make one block for every world; decode; leave its refresh pending."""
         t0 = time.perf_counter()
-        refresh_ms = self._pending_flush()  # 0 when the caller already flushed while idle
+        fused = self.config.fuse_refresh and self._pending is not None
+        pending = [self._pending] if fused else None
+        if fused:
+            self._pending = None
+        refresh_ms = self._pending_flush()  # 0 when fused or when the caller flushed while idle
         t1 = time.perf_counter()
         block_acts = acts.to(self.device)[:, None].repeat(1, self.block)  # (B, k)
-        first = all(c == 0 for c in self.cache.counts)
-        x0 = self._sample_block(self.cache, block_acts, first)
+        first = all(c == 0 for c in self.cache.counts) and not fused
+        x0 = self._sample_block(self.cache, block_acts, first, pending)
         t2 = time.perf_counter()
         frames = self.tokenizer.decode(x0).cpu().numpy()  # (B, k, H, W, 3) uint8
         t3 = time.perf_counter()
         self._pending = (x0, block_acts)
         self.timing = {"refresh_ms": refresh_ms, "denoise_ms": (t2 - t1) * 1e3,
                        "decode_ms": (t3 - t2) * 1e3, "total_ms": (t3 - t0) * 1e3,
-                       "steps": self.first_frame_steps if first else self.steps}
+                       "steps": self.first_frame_steps if first else self.steps, "fused": fused}
         self._buffer = [(frames[:, j], x0[:, j]) for j in range(1, self.block)]
         return frames[:, 0], x0[:, 0]
 

@@ -80,6 +80,15 @@ class KVCache:
         finally:
             self.slot_frame[world], self.counts[world] = view.slot_frame[0], view.counts[0]
 
+    def peek_advance(self, block_frames: int) -> "KVCache":
+        """A view whose bookkeeping is advanced by ``block_frames`` (storage shared, nothing
+        written): the layout the next call will see, before the block is written."""
+        view = object.__new__(KVCache)
+        view.__dict__.update(self.__dict__)
+        view.slot_frame, view.counts = [list(r) for r in self.slot_frame], list(self.counts)
+        view.advance(block_frames)
+        return view
+
     def slot_of(self, frame: int) -> int:
         if frame < self.slots:
             return frame
