@@ -31,12 +31,13 @@ def test_record_train_all_evaluate_play(tmp_path: Path) -> None:
     timings = json.loads((runs / "pipeline_timings.json").read_text())
     assert set(timings) == {"tokenizer", "teacher", "ar", "causal_cd", "causal_ode", "dmd", "rewards"}
     check_shippable(world, data)
-    # The causal-score DMD variant runs from the same exports; a wrong score export exits 2.
-    dmd = ["stage=dmd", f"data={data}", "model=tiny", f"runs_root={runs}", "steps=2", "progress=false",
-           "data.batch_size=4", "stage.real_score=ar", f"run_dir={tmp_path / 'dmd_ar'}"]
-    assert train_main(dmd) == 0
-    assert (tmp_path / "dmd_ar" / "export" / "world.safetensors").exists()
-    assert train_main([*dmd, f"stage.ar={runs / 'teacher' / 'export'}"]) == 2
+    # The DMD variants with ar scores run from the same exports; a wrong score export exits 2.
+    for variant in ("ar", "teacher_ar_guidance"):
+        dmd = ["stage=dmd", f"data={data}", "model=tiny", f"runs_root={runs}", "steps=5", "progress=false",
+               "data.batch_size=4", f"stage.real_score={variant}", f"run_dir={tmp_path / variant}"]
+        assert train_main(dmd) == 0  # 5 steps: a generator update and critic updates
+        assert (tmp_path / variant / "export" / "world.safetensors").exists()
+        assert train_main([*dmd, f"stage.ar={runs / 'teacher' / 'export'}"]) == 2
     # The standalone assembler makes the same world from the stage exports; bad input exits 2.
     again = tmp_path / "again.safetensors"
     assert assemble_main(["--runs-root", str(runs), "--data", str(data), "--out", str(again)]) == 0

@@ -15,6 +15,21 @@ recorded action sequence; with probability ``context_prob`` the rollout starts f
 ``context_frames`` real frames in the cache (how play starts), otherwise from noise (the
 first-frame list path). Context frames are real: they get no gradient and are excluded from
 the DMD normaliser and the critic loss.
+
+Two variants of ours (not the reference's), for worlds where a clip's motion already reveals its
+actions, so the bidirectional teacher barely uses them (measured on Doom: action gain ~10x below
+the ar model's) and its CFG pushes little toward the pressed keys:
+
+* ``real_score: ar`` takes both scores from the causal teacher-forcing model: each frame's score
+  is conditioned on the rollout's own earlier frames (``clean=x_hat``, the layout the ar stage
+  trained on), so DMD matches the per-frame conditionals p(x_i | x_<i, a), not the whole clip's.
+  A static past makes a static next frame likely under these conditionals, so this variant can
+  settle into stillness (measured on Doom: it follows the keys better but freezes over 1,000
+  frames);
+* ``real_score: teacher_ar_guidance`` keeps the reference's teacher and critic but takes the
+  guidance direction from the ar model: x0_T(c) + g (x0_ar(c) - x0_ar(null)), so the clip-level
+  distribution still comes from the bidirectional teacher and the push toward the keys from the
+  model that uses them.
 """
 
 from __future__ import annotations
@@ -40,8 +55,8 @@ class DMDConfig:
     steps: int = 2                  # denoising steps of the student (1, 2 or 4)
     frames_per_block: int = 1       # 1 frame-wise; 3 = the chunk-wise baseline
     teacher: str | None = None      # bidirectional teacher export (real score, critic init)
-    real_score: str = "teacher"     # "teacher" (reference) or "ar": causal scores, see above
-    ar: str | None = None           # the ar export, used when real_score == "ar"
+    real_score: str = "teacher"     # "teacher" (reference), "ar" or "teacher_ar_guidance": see above
+    ar: str | None = None           # the ar export, for the two ar variants
     lr_generator: float = 1e-5
     lr_critic: float = 2e-6
     betas: tuple[float, float] = (0.0, 0.999)
@@ -57,6 +72,15 @@ class DMDConfig:
     tokenizer: str | None = None
 
 
+REAL_SCORES = ("teacher", "ar", "teacher_ar_guidance")
+
+
+def check_export(option: str, path: str | None, stage: str, variant: str) -> None:
+    if not path or read_export(Path(path)).get("stage") != stage:
+        raise StageError(f"{option}={path} is not a{'n' if stage == 'ar' else ''} {stage} export "
+                         f"(stage.real_score={variant})")
+
+
 @register("dmd")
 class DMDObjective(Objective):
     Config = DMDConfig
@@ -69,28 +93,30 @@ class DMDObjective(Objective):
         if meta.get("stage") not in ("causal_cd", "causal_ode", "ar", "dmd"):
             raise StageError(f"{ctx.init_from} is a {meta.get('stage')!r} export; dmd starts from a "
                              "causal student (causal_cd or causal_ode)")
-        if cfg.real_score not in ("teacher", "ar"):
-            raise StageError(f"stage.real_score={cfg.real_score!r}: use 'teacher' or 'ar'")
+        if cfg.real_score not in REAL_SCORES:
+            raise StageError(f"stage.real_score={cfg.real_score!r}: use one of {REAL_SCORES}")
         self.causal_score = cfg.real_score == "ar"
         score_dir = cfg.ar if self.causal_score else cfg.teacher
-        want = "ar" if self.causal_score else "teacher"
-        if not score_dir or read_export(Path(score_dir)).get("stage") != want:
-            opt = "stage.ar" if self.causal_score else "stage.teacher"
-            raise StageError(f"{opt}={score_dir} is not a{'n' if want == 'ar' else ''} {want} export "
-                             f"(stage.real_score={cfg.real_score})")
+        check_export("stage.ar" if self.causal_score else "stage.teacher", score_dir,
+                     "ar" if self.causal_score else "teacher", cfg.real_score)
+        if cfg.real_score == "teacher_ar_guidance":
+            check_export("stage.ar", cfg.ar, "ar", cfg.real_score)
         if cfg.context_frames % cfg.frames_per_block:
             raise StageError("context_frames must be a multiple of frames_per_block")
         self.generator = dit_from_export(ctx.init_from, frames_per_block=cfg.frames_per_block)
         # the ar model keeps its own block size: its teacher-forcing mask is what it learned
         self.real = dit_from_export(Path(score_dir)).requires_grad_(False).eval()
         self.critic = dit_from_export(Path(score_dir))
+        self.guide = (dit_from_export(Path(cfg.ar)).requires_grad_(False).eval()
+                      if cfg.real_score == "teacher_ar_guidance" else None)
         self.names = meta["action_names"]
         self.tokenizer = tokenizer_dir(cfg, ctx.init_from)
         self.step_list = diffusion.step_list(cfg.steps, cfg.shift)
         self.first_list = diffusion.first_frame_steps(cfg.shift)
 
     def networks(self) -> dict[str, nn.Module]:
-        return {"generator": self.generator, "critic": self.critic, "real": self.real}
+        nets = {"generator": self.generator, "critic": self.critic, "real": self.real}
+        return nets if self.guide is None else {**nets, "guide": self.guide}
 
     def optimizers(self) -> dict[str, OptimSpec]:
         c = self.cfg
@@ -139,8 +165,14 @@ class DMDObjective(Objective):
             with torch.no_grad():
                 null = torch.full_like(actions, -1)
                 x0_c = diffusion.x0_from_velocity(x_t, self.score(self.real, x_t, sigma, actions, x_hat), sigma)
-                x0_u = diffusion.x0_from_velocity(x_t, self.score(self.real, x_t, sigma, null, x_hat), sigma)
-                x0_real = diffusion.cfg_x0_dmd(x0_c, x0_u, self.cfg.guidance)
+                if self.guide is None:
+                    x0_u = diffusion.x0_from_velocity(x_t, self.score(self.real, x_t, sigma, null, x_hat), sigma)
+                    x0_real = diffusion.cfg_x0_dmd(x0_c, x0_u, self.cfg.guidance)
+                else:  # the teacher's x0, the ar model's guidance direction (frames see x_hat)
+                    ctx = x_hat.detach()
+                    g_c = diffusion.x0_from_velocity(x_t, self.guide(x_t, sigma, actions, clean=ctx), sigma)
+                    g_u = diffusion.x0_from_velocity(x_t, self.guide(x_t, sigma, null, clean=ctx), sigma)
+                    x0_real = x0_c + self.cfg.guidance * (g_c - g_u)
                 x0_fake = diffusion.x0_from_velocity(x_t, self.score(nets["critic"], x_t, sigma, actions, x_hat),
                                                      sigma)
                 grad = dmd_gradient(x_hat.detach(), x0_real, x0_fake, mask)
