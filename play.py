@@ -255,6 +255,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the engine's hot path (faster frames after a 20-45 s start)")
+    p.add_argument("--separate-refresh", action="store_true",
+                   help="never fuse the cache refresh into the next frame's first model call (slower; "
+                        "for comparison)")
     args = p.parse_args(argv)
     if args.frames is not None and args.frames < 1:
         p.error("--frames must be at least 1")
@@ -283,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         env = WorldModelEnv(checkpoint=args.checkpoint, world=args.world, steps=args.steps, horizon=None,
-                            context=args.context, compile=args.compile or None)
+                            context=args.context, compile=args.compile or None,
+                            fuse_refresh=False if args.separate_refresh else None)
         loaded_at = time.perf_counter()  # start-up measured from here: the model is in memory
         held = HeldKeys(ignore=UI_KEYS)
         controller = make_controller(args.policy, env.keymap, held, args.seed)

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import cv2
@@ -192,3 +193,20 @@ def test_no_display_points_to_headless(ckpt):
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "no display" in proc.stderr and "--headless" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_refresh_runs_in_idle_time_only_when_it_fits(ckpt):
+    """Capped with room to spare, the loop refreshes the cache after showing the frame; uncapped
+    (no idle time) the refresh stays pending and rides along the next frame's first call."""
+    env = WorldModelEnv(checkpoint=ckpt, steps=1, horizon=None)
+    window = FrameWindow(env.observation_space.shape)
+    held = HeldKeys(ignore=play.UI_KEYS)
+    engine = env.runtime.engine
+    for fps, pending_after in ((0, True), (2, False)):  # 2 FPS: a 500 ms budget per frame
+        s = play.Session(env, window, make_controller(["random"], env.keymap, held, 0), held, fps=fps)
+        s._tick_end = time.perf_counter()
+        s.iterate()
+        assert (engine._pending is not None) == pending_after
+    window.close()
+    assert play.main(["--headless", "--frames", "3", "--policy", "random", "--checkpoint", ckpt,
+                      "--separate-refresh"]) == 0
