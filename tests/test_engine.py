@@ -257,6 +257,7 @@ def test_warm_up_changes_nothing(block):
         eng = engine(world, steps=2)
         if warm:
             eng.warm_up()
+            assert eng.refresh_cost_ms is not None  # measured, so play can budget the refresh
         frames = [eng.reset(ctx)] + [eng.step(a) for a in (0, 1, 2, 3)]
         frames += [eng.reset(None, seed=3)] + [eng.step(a) for a in (2, 1)]
         runs.append(np.stack(frames))

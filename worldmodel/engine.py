@@ -178,14 +178,17 @@ class Engine:
 
     @torch.no_grad()
     def warm_up(self) -> None:
-        """Make one throw-away frame (context seed, denoise, decode, refresh) and forget it, so
-        one-time costs (allocations, kernel selection: the first model call is ~2x slower) are
-        paid while loading, not by the first frame a player sees. The RNG state is restored and
-        the next ``reset`` starts from nothing, so results do not change."""
+        """Make two throw-away blocks (context seed, denoise, decode, a refresh fused into the
+        next block's first call when ``fuse_refresh``, a stand-alone one whose cost ``flush``
+        budgets with) and forget them, so one-time costs (allocations, kernel selection: the
+        first model call is ~2x slower; with ``compile``, each call shape's graph) are paid
+        while loading, not by the first frames a player sees. The RNG state is restored and the
+        next ``reset`` starts from nothing, so results do not change."""
         state = self.generator.get_state()
         h, w, _ = self.frame_shape
         self.reset(np.zeros((self.cache.slots - self.cache.slots % self.block, h, w, 3), np.uint8))
-        self.step(0)
+        for _ in range(self.block + 1):  # the second block's first call carries the first's refresh
+            self.step(0)
         self.flush()
         self.cache.reset()
         self.generator.set_state(state)
