@@ -144,8 +144,9 @@ class Engine:
         ``context``: None (first frame from noise, first-frame step list), real frames uint8
         (T, H, W, 3) shared by all worlds or (B, T, H, W, 3) per world (any size: resized; only
         the newest frames the KV cache holds are used), or the path of an image file.
-        ``actions`` (T,) / (B, T): the actions that led to those frames (default: unknown, -1). ``worlds``: reset only these batch rows (default all); the model
-        then runs on those rows alone, the others keep playing untouched.
+        ``actions`` (T,) / (B, T): the actions that led to those frames (default: unknown, -1).
+        ``worlds``: reset only these batch rows (default all); the model then runs on those rows
+        alone, the others keep playing untouched.
         """
         if seed is not None:
             self.generator.manual_seed(seed)

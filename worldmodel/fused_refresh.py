@@ -28,12 +28,10 @@ from worldmodel.attention import attend
 from worldmodel.kv_cache import CacheLayout, KVCache
 
 
-def _frame_positions(lay: CacheLayout, slots: list[list[int]] | None = None) -> torch.Tensor:
-    """Time positions of the given slots per world (B, n) or (n,) from a layout."""
+def _frame_positions(lay: CacheLayout, slots: list[list[int]]) -> torch.Tensor:
+    """Time positions of the given slots per world, (n,) or (B, n) as the layout's."""
     pos = lay.slot_positions
-    if slots is None:
-        return pos
-    if pos.dim() == 1:
+    if pos.dim() == 1:  # all worlds at the same frame: the same slots
         return pos[torch.tensor(slots[0], dtype=torch.long)]
     return torch.stack([pos[b, torch.tensor(s, dtype=torch.long)] for b, s in enumerate(slots)])
 

@@ -71,8 +71,7 @@ class KVCache:
     def row(self, world: int) -> Iterator["KVCache"]:
         """A batch-1 cache sharing world ``world``'s storage, to run the model on that world alone
         (e.g. re-seeding it after an autoreset) without computing the others."""
-        view = object.__new__(KVCache)
-        view.__dict__.update(self.__dict__)
+        view = self._view()
         view.k, view.v = self.k[:, world:world + 1], self.v[:, world:world + 1]  # views, not copies
         view.batch, view.slot_frame, view.counts = 1, [self.slot_frame[world]], [self.counts[world]]
         try:
@@ -80,11 +79,16 @@ class KVCache:
         finally:
             self.slot_frame[world], self.counts[world] = view.slot_frame[0], view.counts[0]
 
+    def _view(self) -> "KVCache":
+        """A shallow copy sharing storage and bookkeeping; callers replace what must differ."""
+        view = object.__new__(KVCache)
+        view.__dict__.update(self.__dict__)
+        return view
+
     def peek_advance(self, block_frames: int) -> "KVCache":
         """A view whose bookkeeping is advanced by ``block_frames`` (storage shared, nothing
         written): the layout the next call will see, before the block is written."""
-        view = object.__new__(KVCache)
-        view.__dict__.update(self.__dict__)
+        view = self._view()
         view.slot_frame, view.counts = [list(r) for r in self.slot_frame], list(self.counts)
         view.advance(block_frames)
         return view

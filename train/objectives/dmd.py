@@ -169,9 +169,9 @@ class DMDObjective(Objective):
                     x0_u = diffusion.x0_from_velocity(x_t, self.score(self.real, x_t, sigma, null, x_hat), sigma)
                     x0_real = diffusion.cfg_x0_dmd(x0_c, x0_u, self.cfg.guidance)
                 else:  # the teacher's x0, the ar model's guidance direction (frames see x_hat)
-                    ctx = x_hat.detach()
-                    g_c = diffusion.x0_from_velocity(x_t, self.guide(x_t, sigma, actions, clean=ctx), sigma)
-                    g_u = diffusion.x0_from_velocity(x_t, self.guide(x_t, sigma, null, clean=ctx), sigma)
+                    past = x_hat.detach()
+                    g_c = diffusion.x0_from_velocity(x_t, self.guide(x_t, sigma, actions, clean=past), sigma)
+                    g_u = diffusion.x0_from_velocity(x_t, self.guide(x_t, sigma, null, clean=past), sigma)
                     x0_real = x0_c + self.cfg.guidance * (g_c - g_u)
                 x0_fake = diffusion.x0_from_velocity(x_t, self.score(nets["critic"], x_t, sigma, actions, x_hat),
                                                      sigma)
