@@ -30,6 +30,8 @@ class ToyConfig:
     ema_decay: float = 0.9
     ema_start: int = 1
     crash_at: int = -1     # raise at this step, to simulate a killed run
+    spike_at: int = -1     # the generator's gradient is x1000 at this step
+    gen_skip: float | None = None  # OptimSpec.skip_grad_norm of the generator
 
 
 class Crash(RuntimeError):
@@ -61,7 +63,7 @@ class Toy(Objective):
 
     def optimizers(self) -> dict[str, OptimSpec]:
         c = self.cfg
-        return {"gen": OptimSpec(("gen",), lr=c.lr, grad_clip=None,
+        return {"gen": OptimSpec(("gen",), lr=c.lr, grad_clip=None, skip_grad_norm=c.gen_skip,
                                  ema=(EMASpec("gen", c.ema_decay, c.ema_start),)),
                 "critic": OptimSpec(("critic",), lr=c.lr, weight_decay=0.1, grad_clip=1.0)}
 
@@ -74,7 +76,8 @@ class Toy(Objective):
         self.calls.append((step, name))
         if name == "gen":  # through the (wrapped) module's forward, as every objective must
             x = torch.ones(1, 3, device=self.ctx.device)
-            return -nets["gen"](x).float().sum(), {}
+            scale = 1000.0 if step == self.cfg.spike_at else 1.0
+            return -scale * nets["gen"](x).float().sum(), {}
         self.shared.append(int(self.ctx.shared_randint(0, 10**6)))
         self.private.append(float(torch.rand(())))
         x = batch["frames"].float().mean(dim=(1, 2, 3)) / 255.0  # (B, 3)
@@ -126,6 +129,32 @@ def test_known_gradient_alternation_and_ema(tmp_path: Path) -> None:
     assert [r["eval/gen_w"] for r in evals if "eval/gen_w" in r] == pytest.approx([expect])
     assert torch.allclose(toy.gen.weight, torch.full((1, 3), 2 * lr), atol=1e-6)
     assert (tmp_path / "run" / "metrics.png").exists()
+
+
+def test_skip_grad_norm_drops_the_spiked_update_only(tmp_path: Path) -> None:
+    """The generator updates at steps 0, 5, 10, 15; its gradient norm is sqrt(3) (= 1.73), and
+    sqrt(3) * 1000 at step 5. With skip_grad_norm=10 that update is dropped: no Adam step, no
+    update count, no EMA update; the other three each move the weights by +lr."""
+    lr = 0.01
+    train(toy_cfg(tmp_path / "run", "steps=20", lr=lr, spike_at=5, gen_skip=10.0, ema_start=100))
+    toy = Toy.last
+    assert [s for s, n in toy.calls if n == "gen"] == [0, 5, 10, 15]
+    assert torch.allclose(toy.gen.weight, torch.full((1, 3), 3 * lr), atol=1e-6)
+    ck = load_checkpoint(latest_checkpoint(tmp_path / "run"))
+    assert ck["counts"]["gen"] == 3
+    logs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    skipped = {r["step"] - 1: r["gen/skipped"] for r in logs if "gen/skipped" in r}
+    assert skipped == {0: 0.0, 5: 1.0, 10: 0.0, 15: 0.0}
+    # Without the guard the spike is taken and lingers in Adam's second moment, shrinking every
+    # later step: the same run lands where a plain AdamW fed gradients -1, -1000, -1, -1 does.
+    train(toy_cfg(tmp_path / "plain", "steps=20", lr=lr, spike_at=5, ema_start=100))
+    w = torch.zeros(3, requires_grad=True)
+    ref = torch.optim.AdamW([w], lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
+    for g in (-1.0, -1000.0, -1.0, -1.0):
+        w.grad = torch.full((3,), g)
+        ref.step()
+    assert float(w[0]) < 3.1 * lr  # four steps, yet barely more than the guarded run's three
+    assert torch.allclose(Toy.last.gen.weight, w.detach()[None], atol=1e-6)
 
 
 def test_ema_matches_hand_computation() -> None:

@@ -189,11 +189,23 @@ def train(cfg: DictConfig) -> Path:
             for g in opt.param_groups:  # linear warm-up, counted in this optimizer's own updates
                 g["lr"] = spec.lr * min(1.0, (counts[name] + 1) / max(1, spec.warmup_steps))
             scaler.unscale_(opt)
-            if spec.grad_clip is not None:
-                norm = torch.nn.utils.clip_grad_norm_(opt_params(opt), spec.grad_clip)
+            skip = False
+            if spec.grad_clip is not None or spec.skip_grad_norm is not None:
+                # clip_grad_norm_ returns the norm before clipping; inf max_norm measures only.
+                clip = spec.grad_clip if spec.grad_clip is not None else float("inf")
+                norm = torch.nn.utils.clip_grad_norm_(opt_params(opt), clip)
                 norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
                 sums[f"{name}/grad_norm"] += norm.detach().float()
                 n_logs[f"{name}/grad_norm"] += 1
+                if spec.skip_grad_norm is not None:
+                    # grads are already all-reduced, so every rank reads the same norm and agrees
+                    skip = not bool(torch.isfinite(norm)) or float(norm) >= spec.skip_grad_norm
+                    sums[f"{name}/skipped"] += float(skip)
+                    n_logs[f"{name}/skipped"] += 1
+            if skip:
+                opt.zero_grad(set_to_none=True)
+                scaler.update()
+                continue
             scaler.step(opt)
             scaler.update()
             counts[name] += 1

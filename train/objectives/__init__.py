@@ -87,6 +87,9 @@ class OptimSpec:
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
     grad_clip: float | None = 1.0   # max global grad norm; None = no clipping
+    # Skip the whole update (optimizer step, update count, EMA) when the global grad norm, measured
+    # before clipping, is >= this or not finite (HY15's causal-CD guard against spikes); None = never.
+    skip_grad_norm: float | None = None
     warmup_steps: int = 0
     ema: tuple[EMASpec, ...] = ()
     params: list[nn.Parameter] | None = None

@@ -43,6 +43,7 @@ class CausalODEConfig:
     trajectories: int = 1024       # clips whose trajectories are stored, per process
     shift: float = diffusion.DEFAULT_SHIFT
     frames_per_block: int = 0
+    skip_grad_norm: float | None = None  # as causal CD's (HY15 guard), off by default
     tokenizer: str | None = None
 
 
