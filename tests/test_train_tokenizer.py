@@ -13,8 +13,9 @@ from train.app import compose_config
 from train.data import SyntheticConfig, SyntheticSource, build_batches
 from train.latents import FILE, LatentSource, tokenizer_key
 from train.loop import train
+from train import UsageError
 from train.objectives.tokenizer import (TokenizerStageConfig, WEIGHTS, foreground_mask, load_tokenizer,
-                                        reconstruction_loss)
+                                        motion_mask, reconstruction_loss)
 
 STEPS = 24
 
@@ -56,6 +57,41 @@ def test_foreground_term_sees_a_missing_sprite() -> None:
     loss, logs = reconstruction_loss(recon, target, cfg)
     assert logs["l1"] < 0.002 and logs["fg_l1"] == pytest.approx(2.0)
     assert loss > 1000 * logs["l1"]
+
+
+def test_motion_term_sees_a_ball_that_the_foreground_term_drowns() -> None:
+    """Breakout-like clip of 3 frames: a static brick band (a quarter of the frame, so foreground)
+    and a 1-pixel ball moving one pixel right per frame. A reconstruction that keeps the bricks and
+    drops the ball: the foreground term averages the miss over 1,024 brick pixels, the motion term
+    over the pixels that move, where it is the whole error."""
+    clip = -torch.ones(1, 3, 3, 64, 64)
+    clip[:, :, :, 8:24, :] = 0.5                       # bricks (static)
+    for t in range(3):
+        clip[0, t, :, 40, 10 + t] = 1.0                # the ball at x = 10, 11, 12
+    moving = motion_mask(clip, 0.1)
+    # frame 0 moves at x 10, 11 (vs frame 1); frame 1 at 10, 11, 12 (vs both); frame 2 at 11, 12
+    assert moving.shape == (1, 3, 1, 64, 64)
+    assert [int(moving[0, t].sum()) for t in range(3)] == [2, 3, 2]
+    assert moving[0, 1, 0, 40, 10:13].tolist() == [1.0, 1.0, 1.0]
+    recon = clip.clone()
+    recon[:, :, :, 40, 8:16] = -1.0                    # no ball anywhere
+    cfg = TokenizerStageConfig(l1=0.0, edge=0.0, foreground=1.0, motion=1.0)
+    images, target = recon.flatten(0, 1), clip.flatten(0, 1)
+    _, logs = reconstruction_loss(images, target, cfg, moving.flatten(0, 1))
+    # the ball pixels are wrong by 2 in all 3 channels: 3 of the 7 moving pixels (one per frame)
+    assert logs["motion_l1"] == pytest.approx(2.0 * 3 / 7)
+    assert logs["fg_l1"] == pytest.approx(2.0 * 3 / (3 * (16 * 64 + 1)), rel=1e-5)
+    assert logs["motion_l1"] > 300 * logs["fg_l1"]
+    # without a mask the term is absent, so a clip_len-1 stage costs what it did before
+    loss, plain = reconstruction_loss(images, target, cfg)
+    assert "motion_l1" not in plain and loss == pytest.approx(plain["fg_l1"].item())
+
+
+def test_motion_term_needs_clips_of_two_frames(tmp_path: Path) -> None:
+    cfg = compose_config(["stage=tokenizer", "data=synthetic", "model=tiny", f"runs_root={tmp_path}",
+                          "steps=1", "stage.motion=4", "data.clip_len=1", "progress=false", "device=cpu"])
+    with pytest.raises(UsageError, match="data.clip_len=2"):
+        train(cfg)
 
 
 def test_latent_cache_is_keyed_by_tokenizer_weights(tokenizer_run: Path, tmp_path: Path) -> None:

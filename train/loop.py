@@ -84,6 +84,7 @@ def train(cfg: DictConfig) -> Path:
     # ----- data (first: the objective sizes its action embedding from the dataset's actions) -----
     source = build_data(cfg.data, rank=d.rank, world_size=d.world_size, device=device, run_dir=run_dir)
     ctx.extra["action_names"] = list(source.action_names)
+    ctx.extra["clip_len"] = int(cfg.data.clip_len)
     batches = clip_batches(source, cfg.data, seed=lc.seed, rank=d.rank, world_size=d.world_size, device=device)
     eval_batches = lambda: clip_batches(source, cfg.data, seed=lc.seed + EVAL_SEED_OFFSET,  # noqa: E731
                                         rank=d.rank, world_size=d.world_size, device=device)
