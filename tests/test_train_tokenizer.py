@@ -59,6 +59,18 @@ def test_foreground_term_sees_a_missing_sprite() -> None:
     assert loss > 1000 * logs["l1"]
 
 
+def test_foreground_union_sees_a_ghost_sprite() -> None:
+    """A 2x2 ghost ball drawn on an empty frame: the target has no foreground, so only the union
+    with the reconstruction's foreground lets the term see it (wrong by 2 in 3 channels)."""
+    target = -torch.ones(1, 3, 64, 64)
+    recon = target.clone()
+    recon[..., 30:32, 30:32] = 1.0
+    _, union = reconstruction_loss(recon, target, TokenizerStageConfig(edge=0.0))
+    _, plain = reconstruction_loss(recon, target, TokenizerStageConfig(edge=0.0, foreground_union=False))
+    assert union["fg_l1"] == pytest.approx(2.0) and union["fg_frac"] == pytest.approx(4 / 4096)
+    assert plain["fg_l1"] == 0.0 and plain["l1"] == union["l1"]
+
+
 def test_motion_term_sees_a_ball_that_the_foreground_term_drowns() -> None:
     """Breakout-like clip of 3 frames: a static brick band (a quarter of the frame, so foreground)
     and a 1-pixel ball moving one pixel right per frame. A reconstruction that keeps the bricks and
