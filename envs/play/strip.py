@@ -11,7 +11,7 @@ and the action that made it (frame 0 is the last context frame). Several plans f
 show whether the keys steer the world. A plan is ``name*count`` items separated by commas; names
 are the world's action names (case-insensitive), printed when one is unknown.
 
-This is how the README's stills are made, so they can be made again after a world changes.
+The README's Breakout still is made with it, so it can be made again after the world changes.
 """
 
 from __future__ import annotations
