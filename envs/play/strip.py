@@ -1,9 +1,9 @@
 """`python -m envs.play.strip`: a still of a world's dream, as a labelled PNG strip.
 
-    python -m envs.play.strip --world breakout --plan "fire*4,right*12,left*12" --every 4 \\
-        --seed 0 --out docs/img/breakout.png
+    python -m envs.play.strip --world breakout --seed 1 --every 4 --out docs/img/breakout.png \\
+        --plan "fire*4,right*12,left*16" --plan "fire*4,left*12,right*16"
     python -m envs.play.strip --world doom --seed 2 --every 3 --out keys.png \\
-        --plan "left*12" --plan "right*12" --plan "forward*12"
+        --plan "turn_left*12" --plan "turn_right*12" --plan "forward*12"
 
 Each ``--plan`` is one row: the world is reset from the same context (``reset(seed=S)``), the plan's
 actions are played one per frame, and every ``--every``-th frame is kept, labelled with its index
