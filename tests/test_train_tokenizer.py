@@ -14,8 +14,8 @@ from train.data import SyntheticConfig, SyntheticSource, build_batches
 from train.latents import FILE, LatentSource, tokenizer_key
 from train.loop import train
 from train import UsageError
-from train.objectives.tokenizer import (TokenizerStageConfig, WEIGHTS, foreground_mask, load_tokenizer,
-                                        motion_mask, reconstruction_loss)
+from train.objectives.tokenizer import (TokenizerStageConfig, WEIGHTS, foreground_mask, ghost_pixels,
+                                        load_tokenizer, motion_mask, reconstruction_loss)
 
 STEPS = 24
 
@@ -69,6 +69,8 @@ def test_foreground_union_sees_a_ghost_sprite() -> None:
     _, plain = reconstruction_loss(recon, target, TokenizerStageConfig(edge=0.0, foreground_union=False))
     assert union["fg_l1"] == pytest.approx(2.0) and union["fg_frac"] == pytest.approx(4 / 4096)
     assert plain["fg_l1"] == 0.0 and plain["l1"] == union["l1"]
+    # the evaluation counts those 4 pixels, and none for the frame itself
+    assert ghost_pixels(recon, target, 0.1) == 4 and ghost_pixels(target, target, 0.1) == 0
 
 
 def test_motion_term_sees_a_ball_that_the_foreground_term_drowns() -> None:

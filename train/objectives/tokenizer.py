@@ -89,6 +89,13 @@ def motion_mask(images: torch.Tensor, threshold: float) -> torch.Tensor:
     return (torch.cat([none, moved], 1) | torch.cat([moved, none], 1)).float()
 
 
+def ghost_pixels(recon: torch.Tensor, target: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Mean count per image of pixels that are foreground in the reconstruction but not in the
+    target (N, 3, H, W): sprites drawn where there are none, which plain PSNR barely sees."""
+    ghost = (foreground_mask(recon, threshold) > 0) & (foreground_mask(target, threshold) == 0)
+    return ghost.flatten(1).sum(1).float().mean()
+
+
 def edge_l1(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean L1 between horizontal and vertical finite differences of (N, C, H, W) images."""
     dx = lambda x: x[..., :, 1:] - x[..., :, :-1]  # noqa: E731
@@ -193,6 +200,7 @@ class TokenizerObjective(Objective):
         recon, raw = nets["tokenizer"](images)
         fg = foreground_mask(images, self.cfg.foreground_threshold)
         out = {"psnr": psnr(recon, images).item(), "psnr_fg": psnr(recon, images, fg).item(),
+               "ghost_px": ghost_pixels(recon, images, self.cfg.foreground_threshold).item(),
                "latent_roughness": latent_roughness(raw).item()}
         if clips.shape[1] > 1:  # PSNR where things move: a tokenizer that drops sprites reads low here
             moving = motion_mask(clips, self.cfg.motion_threshold).flatten(0, 1)
