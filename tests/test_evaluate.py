@@ -15,6 +15,7 @@ import pytest
 from record.writer import EpisodeWriter
 from tests.conftest import make_tiny_world
 from train.eval import metrics as M
+from train.eval import report
 from train.eval.reference import Reference
 from train.eval.score import fidelity, other_clips, shuffle_in_time
 from train.eval.split import Clips, anchors, held_out_count, split_ids
@@ -117,6 +118,30 @@ def test_delta_psnr_is_positive_for_an_oracle_and_zero_for_an_action_blind_model
     blind = np.repeat(clips.last_context[:, None], 6, axis=1)  # ignores actions: same frames either way
     _, delta, delta_other = fidelity(clips, blind, blind, ref, [2, 6], other=blind)
     assert all(d == 0 for d in delta.values()) and all(d == 0 for d in delta_other.values())
+
+
+def test_table_has_the_tokenizer_ceiling_row() -> None:
+    """The ceiling row repeats the tokenizer's reconstruction scores beside the same baselines, so a
+    reader sees when repeat-last is out of any decoded model's reach (here at h=1: 48 > 47)."""
+    def fid(psnr, tok, repeat):
+        return {"psnr": psnr, "ssim": 0.9, "psnr_dynamic": psnr - 10,
+                "repeat_last": {"psnr": repeat, "psnr_dynamic": 13.0},
+                "mean_frame": {"psnr": 32.0, "psnr_dynamic": 17.0},
+                "tokenizer": {"psnr": tok, "psnr_dynamic": 68.0}}
+    m = {"protocol": "engine", "sampler": "few_step", "steps": 2,
+         "fidelity": {"1": fid(44.0, 47.0, 48.0), "4": fid(42.0, 46.5, 42.0)},
+         "controllability": {"delta_psnr": {"1": 2.0, "4": 5.0}, "probe": {}},
+         "drift": {"flags": {"frozen": False}}, "speed": {"first_frame_ms": 30.0, "frame_ms": 15.0}}
+    table = report.markdown_table([report.table_row("dmd-2", m)], [1, 4])
+    lines = [line for line in table.splitlines() if line.startswith("| tokenizer ceiling (dmd-2) |")]
+    assert len(lines) == 1
+    cells = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert cells[2:6] == ["47.0 (48.0 / 32.0)", "46.5 (42.0 / 32.0)", "68.0 (13.0)", "68.0 (13.0)"]
+    assert len(cells) == len(table.splitlines()[0].strip("|").split("|"))
+    # a row without tokenizer scores (e.g. an older metrics.json) adds no ceiling row
+    for f in m["fidelity"].values():
+        del f["tokenizer"]
+    assert "tokenizer ceiling" not in report.markdown_table([report.table_row("dmd-2", m)], [1, 4]).split("\n\nPSNR")[0]
 
 
 def test_held_out_split_and_anchors() -> None:

@@ -46,6 +46,9 @@ def table_row(name: str, m: dict) -> dict:
         row[f"ssim@{h}"] = f["ssim"]
         row[f"dyn@{h}"] = f["psnr_dynamic"]
         row[f"dyn_repeat@{h}"] = f["repeat_last"]["psnr_dynamic"]
+        if "tokenizer" in f:   # the real frames through the world's own tokenizer: the ceiling
+            row[f"tok@{h}"] = f["tokenizer"]["psnr"]
+            row[f"dyn_tok@{h}"] = f["tokenizer"]["psnr_dynamic"]
         row[f"dpsnr@{h}"] = m["controllability"]["delta_psnr"][h]
         row[f"dpsnr_other@{h}"] = m["controllability"].get("delta_psnr_other", {}).get(h)
     probe = m["controllability"]["probe"]
@@ -90,10 +93,20 @@ def markdown_table(rows: list[dict], horizons: list[int]) -> str:
                   r["drift"], _fmt(r["first_frame_ms"]), _fmt(r["frame_ms"]),
                   f"{_fmt(r.get('train_min'))} ({_fmt(r.get('train_steps'))})"]
         lines.append("| " + " | ".join(cells) + " |")
+    ceiling = next((r for r in rows if f"tok@{horizons[0]}" in r), None)
+    if ceiling is not None:
+        # what a perfect latent predictor would score through this tokenizer: where repeat-last is
+        # above it (Breakout at h=1), no model decoded by this tokenizer can beat repeat-last
+        cells = [f"tokenizer ceiling ({ceiling['name']})", "–"]
+        cells += [f"{_fmt(ceiling[f'tok@{h}'])} ({_fmt(ceiling[f'repeat@{h}'])} / {_fmt(ceiling[f'mean@{h}'])})"
+                  for h in horizons]
+        cells += [f"{_fmt(ceiling[f'dyn_tok@{h}'])} ({_fmt(ceiling[f'dyn_repeat@{h}'])})" for h in horizons]
+        cells += ["–"] * (len(head) - len(cells))
+        lines.append("| " + " | ".join(cells) + " |")
     notes = ("\nPSNR/SSIM on uint8 frames at model resolution, mean over held-out clips, frame `anchor + h` "
              "after real context. repeat = last context frame repeated; mean = the training data's "
-             "mean frame; "
-             "dyn = only pixels where the real frame differs from the last context frame; ΔPSNR = PSNR with "
+             "mean frame; tokenizer ceiling = the real frames encoded and decoded by the named checkpoint's "
+             "tokenizer; dyn = only pixels where the real frame differs from the last context frame; ΔPSNR = PSNR with "
              "the recorded actions minus PSNR with them shuffled in time (same context and noise); ΔPSNR other = "
              "the same against another held-out clip's actions (a time shuffle keeps commuting actions' end "
              "state, so it reads ~0 at long horizons even for a controllable world); probe = "
