@@ -48,6 +48,9 @@ def test_record_train_all_evaluate_play(tmp_path: Path) -> None:
                           "rollout=12", "probe_steps=10", "starts=2", "videos=1"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert {"fidelity", "controllability", "drift", "speed"} <= set(metrics)
+    # the shipped file sits outside any stage export: its DMD stage's cost came along inside it
+    wallclock = json.loads((runs / "dmd_2step_b1" / "export" / "wallclock.json").read_text())
+    assert metrics["training"] == wallclock and wallclock["steps"] == 2
     env = gym.make("WorldModel-v0", checkpoint=str(world), horizon=5)
     obs, _ = env.reset(seed=0)
     assert obs.shape == (64, 64, 3) and obs.dtype == np.uint8

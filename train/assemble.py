@@ -24,6 +24,7 @@ import torch
 from record.reader import Dataset, DatasetError
 from train import UsageError
 from train.eval.split import split_dirs
+from train.loop import WALLCLOCK
 from worldmodel.checkpoint import CheckpointError, load_world, save_world
 
 CONTEXT_CLIPS = 4       # clips of real frames carried by a world
@@ -114,6 +115,9 @@ def assemble_world(dmd_export: Path, out: Path, data: str | Path | None = None,
         world.context_frames, world.context_actions = real_context(data, size)
     world.info = {**world.info, **dataset_info(data),
                   "name": name or (Path(data).name if data else "synthetic")}
+    wallclock = Path(dmd_export) / WALLCLOCK
+    if wallclock.is_file():   # the stage's own cost travels with the file, for `train.evaluate`'s table
+        world.info["stage_wallclock"] = json.loads(wallclock.read_text())
     if timings:
         world.info["pipeline_seconds"] = timings
     out.parent.mkdir(parents=True, exist_ok=True)

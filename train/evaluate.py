@@ -246,7 +246,7 @@ def evaluate(cfg: EvalConfig) -> Path:
                        "held_out_is_training": held_dirs == train_dirs,
                        "clips": sorted(set(clips.episode))},
              "reference": {"path": str(ref.path), "probe_pairs": ref.pairs, "frames": ref.frames},
-             "training": training_cost(path), "seconds": time.perf_counter() - t0}
+             "training": training_cost(path, world.info), "seconds": time.perf_counter() - t0}
         target = out / name if multi else out
         report.write_json(target / "metrics.json", m)
         write_samples(target / "samples", clips, scored, ro.context, world.action_names, cfg.videos)
@@ -264,11 +264,13 @@ def evaluate(cfg: EvalConfig) -> Path:
     return out
 
 
-def training_cost(path: Path) -> dict | None:
-    """The stage's own training wall-clock, from the ``wallclock.json`` its export holds (None for a
-    world file outside a stage export, e.g. one assembled for shipping)."""
+def training_cost(path: Path, info: dict | None = None) -> dict | None:
+    """The stage's own training wall-clock, from the ``wallclock.json`` its export holds, else from
+    what `train.assemble` copied into the world's info (None for a world with neither)."""
     f = Path(path).parent / WALLCLOCK
-    return json.loads(f.read_text()) if f.is_file() else None
+    if f.is_file():
+        return json.loads(f.read_text())
+    return (info or {}).get("stage_wallclock")
 
 
 def write_samples(out: Path, clips, scored, context: int, names: list[str], n: int) -> None:
