@@ -38,6 +38,17 @@ def test_record_train_all_evaluate_play(tmp_path: Path) -> None:
         assert train_main(dmd) == 0  # 5 steps: a generator update and critic updates
         assert (tmp_path / variant / "export" / "world.safetensors").exists()
         assert train_main([*dmd, f"stage.ar={runs / 'teacher' / 'export'}"]) == 2
+    # A context teacher and the DMD whose scores see the context clean; the plain teacher is refused.
+    common = [f"data={data}", "model=tiny", f"runs_root={runs}", "progress=false", "data.batch_size=4"]
+    assert train_main(["stage=teacher", *common, "steps=2", "stage.context_frames=2",
+                       f"run_dir={tmp_path / 'teacher_ctx'}"]) == 0
+    export = tmp_path / "teacher_ctx" / "export"
+    assert json.loads((export / "dit.json").read_text())["context_frames"] == 2
+    assert load_world(export / "world.safetensors").info["context_frames"] == 2
+    dmd = ["stage=dmd", *common, "steps=5", "stage.clean_context=true", f"run_dir={tmp_path / 'clean'}"]
+    assert train_main([*dmd, f"stage.teacher={export}"]) == 0
+    assert train_main(dmd) == 2
+    assert train_main(["stage=teacher", *common, "stage.context_frames=8", f"run_dir={tmp_path / 'bad'}"]) == 2
     # The standalone assembler makes the same world from the stage exports; bad input exits 2.
     again = tmp_path / "again.safetensors"
     assert assemble_main(["--runs-root", str(runs), "--data", str(data), "--out", str(again)]) == 0

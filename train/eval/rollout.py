@@ -11,7 +11,9 @@ denoised jointly by the sampler's Euler steps with the recorded actions on every
 frames are fixed by replacement: at every step they are re-noised to the current sigma (with
 one noise draw per window) and only the new frames are integrated, as in "replacement"
 conditioning for video diffusion. The teacher was trained with one sigma for the whole clip,
-so this keeps every input in distribution. Horizons beyond one window are reached by sliding.
+so this keeps every input in distribution. A context teacher (trained with up to ``ctx`` clean
+leading frames, world info ``context_frames``) gets its known frames clean at sigma 0 instead,
+as it was trained. Horizons beyond one window are reached by sliding.
 
 Both take the same noise seed for the recorded and the shuffled actions, so a Δ-PSNR compares
 the actions and nothing else.
@@ -103,6 +105,8 @@ class JointRollout:
         train = world.dit.cfg.train_frames
         self.context = max(1, train // 2)
         self.new = max(1, train - self.context)
+        # a context teacher takes its known frames clean; any other by replacement
+        self.clean_known = int(world.info.get("context_frames", 0)) >= self.context
         self.last_chunk_ms: list[float] = []
 
     def _denoiser(self, known: torch.Tensor, eps: torch.Tensor, acts: torch.Tensor):
@@ -112,7 +116,11 @@ class JointRollout:
             def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
                 s = sigma[:, :1]  # one level for the whole window, as in training
                 full_sigma = s.expand(-1, k + x.shape[1])
-                full = torch.cat([diffusion.add_noise(known, eps, s.expand(-1, k)), x], dim=1)
+                if self.clean_known:
+                    full_sigma = torch.cat([torch.zeros_like(s).expand(-1, k), s.expand(-1, x.shape[1])], 1)
+                    full = torch.cat([known, x], dim=1)
+                else:
+                    full = torch.cat([diffusion.add_noise(known, eps, s.expand(-1, k)), x], dim=1)
                 v = self.dit(full, full_sigma, a)
                 return diffusion.x0_from_velocity(full, v, full_sigma)[:, k:]
             return denoise

@@ -86,14 +86,18 @@ def flow_matching_loss(dit: torch.nn.Module, x0: torch.Tensor, actions: torch.Te
     """Rectified-flow loss, reference §4.5: mean_(B,F) w(sigma) * mean_(h,w,c) (v_hat - (eps - x0))^2.
 
     x0 (B, F, h, w, c) clean latents; sigma (B, F) fp32; ``clean`` enables teacher forcing.
+    Frames given at sigma = 0 are clean conditioning (the context teacher's leading frames): they
+    have nothing to denoise, so they leave the mean (their velocity target, eps - x0, is unknowable).
     """
     eps = torch.randn_like(x0)
     x = diffusion.add_noise(x0, eps, sigma)
     v = dit(x, sigma, actions, clean=clean)
     per_frame = (v.float() - diffusion.velocity_target(x0, eps)).pow(2).mean(dim=(2, 3, 4))
     w = diffusion.loss_weight(sigma, weighting, shift)
-    loss = (w * per_frame).mean()
-    return loss, {"mse": per_frame.mean().detach()}
+    noisy = (sigma > 0).float()
+    n = noisy.sum().clamp_min(1.0)
+    loss = (w * per_frame * noisy).sum() / n
+    return loss, {"mse": ((per_frame * noisy).sum() / n).detach()}
 
 
 def drop_actions(actions: torch.Tensor, p: float) -> torch.Tensor:
@@ -117,17 +121,18 @@ def context_sample(batches: Iterator[TensorDict], tokenizer, n: int = CONTEXT_FR
 
 def save_export(out_dir: Path, dit: DiT, state: Mapping[str, torch.Tensor], action_names: list[str],
                 stage: str, tokenizer: Path, batches: Iterator[TensorDict],
-                engine: dict | None = None) -> None:
-    """Write dit.safetensors + dit.json + world.safetensors into ``out_dir``."""
+                engine: dict | None = None, info: dict | None = None) -> None:
+    """Write dit.safetensors + dit.json + world.safetensors into ``out_dir``; ``info`` (what a
+    later stage or the evaluation must know of how this model was trained) goes into both."""
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().float().cpu().contiguous() for k, v in state.items()}, str(out_dir / WEIGHTS))
     meta = {"config": asdict(dit.cfg), "action_names": list(action_names), "stage": stage,
-            "tokenizer": str(Path(tokenizer).resolve())}
+            "tokenizer": str(Path(tokenizer).resolve()), **(info or {})}
     (out_dir / CONFIG).write_text(json.dumps(meta, indent=2))
     net = DiT(dit.cfg)
     net.load_state_dict(state)
     tok = load_tokenizer(tokenizer)
     frames, acts = context_sample(batches, tok)
     world = World(dit=net, tokenizer=tok, action_names=list(action_names), engine=engine or {},
-                  info={"stage": stage}, context_frames=frames, context_actions=acts)
+                  info={"stage": stage, **(info or {})}, context_frames=frames, context_actions=acts)
     save_world(out_dir / WORLD, world, dtype=None)

@@ -14,12 +14,12 @@ import torch
 
 from train.objectives import register
 from train.objectives._dit import flow_matching_loss
-from train.objectives.teacher import DiTStage, TeacherConfig
+from train.objectives.teacher import DiTStage, DiTStageConfig
 from worldmodel import diffusion
 
 
 @dataclass
-class ARConfig(TeacherConfig):
+class ARConfig(DiTStageConfig):
     lr: float = 1e-4
     frames_per_block: int = 1
 

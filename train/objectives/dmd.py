@@ -30,6 +30,12 @@ the ar model's) and its CFG pushes little toward the pressed keys:
   guidance direction from the ar model: x0_T(c) + g (x0_ar(c) - x0_ar(null)), so the clip-level
   distribution still comes from the bidirectional teacher and the push toward the keys from the
   model that uses them.
+
+And one for any real score that is the bidirectional teacher: ``clean_context: true`` gives the
+real score and the critic the rollout's real context frames clean (sigma 0, not noised with the
+rest), so both score p(clip | its real start, actions), the distribution play samples from. It
+needs a context teacher (train/objectives/teacher.py, ``stage.context_frames`` >= this stage's
+``context_frames``); the critic, initialised from it, trains on the same layout.
 """
 
 from __future__ import annotations
@@ -69,6 +75,7 @@ class DMDConfig:
     shift: float = diffusion.DEFAULT_SHIFT
     context_frames: int = 1
     context_prob: float = 0.5
+    clean_context: bool = False     # scores see context frames clean: needs a context teacher
     tokenizer: str | None = None
 
 
@@ -103,6 +110,16 @@ class DMDObjective(Objective):
             check_export("stage.ar", cfg.ar, "ar", cfg.real_score)
         if cfg.context_frames % cfg.frames_per_block:
             raise StageError("context_frames must be a multiple of frames_per_block")
+        if cfg.clean_context:
+            if self.causal_score:
+                raise StageError("stage.clean_context=true is for a bidirectional real score; the ar "
+                                 "scores already see the rollout's frames clean (stage.real_score=ar)")
+            trained = int(read_export(Path(score_dir)).get("context_frames", 0))
+            if trained < cfg.context_frames:
+                raise StageError(f"stage.clean_context=true needs a teacher trained with clean leading "
+                                 f"frames (stage.context_frames >= {cfg.context_frames}); {score_dir} has "
+                                 f"{trained}: train one with `stage=teacher stage.context_frames=4` or "
+                                 "drop stage.clean_context")
         self.generator = dit_from_export(ctx.init_from, frames_per_block=cfg.frames_per_block)
         # the ar model keeps its own block size: its teacher-forcing mask is what it learned
         self.real = dit_from_export(Path(score_dir)).requires_grad_(False).eval()
@@ -150,6 +167,12 @@ class DMDObjective(Objective):
         mask[:, :c] = False
         return x_hat, mask
 
+    def noise_level(self, mask: torch.Tensor) -> torch.Tensor:
+        """(B, F) sigma for the scores: one level per sample; 0 on the context frames (so they
+        enter clean) with ``clean_context``."""
+        sigma = dmd_noise_level(mask.shape[0], self.cfg.shift, mask.device).expand(mask.shape)
+        return torch.where(mask, sigma, torch.zeros_like(sigma)) if self.cfg.clean_context else sigma
+
     def score(self, net: nn.Module, x_t: torch.Tensor, sigma: torch.Tensor, actions: torch.Tensor,
               x_hat: torch.Tensor) -> torch.Tensor:
         """Velocity of a score network at x_t; a causal score sees the rollout's clean frames."""
@@ -160,7 +183,7 @@ class DMDObjective(Objective):
         actions = batch["actions"].long()
         if name == "generator":
             x_hat, mask = self.rollout(nets["generator"], batch, grad=True)
-            sigma = dmd_noise_level(x_hat.shape[0], self.cfg.shift, x_hat.device).expand(mask.shape)
+            sigma = self.noise_level(mask)
             x_t = diffusion.add_noise(x_hat.detach(), torch.randn_like(x_hat), sigma)
             with torch.no_grad():
                 null = torch.full_like(actions, -1)
@@ -180,7 +203,7 @@ class DMDObjective(Objective):
             return loss.float(), {"dmd_grad_rms": grad.pow(2).mean().sqrt()}
         with torch.no_grad():
             x_hat, mask = self.rollout(nets["generator"], batch, grad=False)
-        sigma = dmd_noise_level(x_hat.shape[0], self.cfg.shift, x_hat.device).expand(mask.shape)
+        sigma = self.noise_level(mask)
         eps = torch.randn_like(x_hat)
         x_t = diffusion.add_noise(x_hat, eps, sigma)
         v = self.score(nets["critic"], x_t, sigma, actions, x_hat)
