@@ -152,6 +152,7 @@ class JointRollout:
             k = known.shape[1]
             end = c0 + t + n
             acts = all_acts[:, end - n - k:end]
+            # drawn for a context teacher too (unused there): both layouts keep one noise stream
             eps = torch.randn(known.shape, generator=g, device=self.device)
             noise = torch.randn((b, n, *shape), generator=g, device=self.device)
             x0 = sample(self._denoiser(known, eps, acts), noise, sigmas, generator=g).float()
