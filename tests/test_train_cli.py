@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
 from train.app import compose_config, main, options
+from train.checkpoint import latest_checkpoint, load_checkpoint
 from train.objectives import available_stages, get_objective
 
 
@@ -56,6 +60,24 @@ def test_cli_subprocess_exit_code_without_traceback(tmp_path: Path) -> None:
     assert out.returncode == 2
     assert "unknown stage 'nope'" in out.stderr and "Traceback" not in out.stderr
     assert list(tmp_path.iterdir()) == []  # nothing written to the working directory
+
+
+def test_cli_sigterm_checkpoints_exports_and_exits_143(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "train", "stage=tokenizer", "data=synthetic", "model=tiny",
+                             f"run_dir={run}", "steps=100000", "log_every=1", "progress=false", "device=cpu"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    log = run / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (log.exists() and log.read_text().strip()) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)  # training has begun once the first step is logged
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "stopped by SIGTERM" in err and "rerun the same command" in err and "Traceback" not in err
+    step = load_checkpoint(latest_checkpoint(run))["step"]
+    assert step >= 1 and json.loads((run / "export" / "wallclock.json").read_text())["steps"] == step
 
 
 def test_stage_all_routes_per_stage_options(tmp_path: Path) -> None:

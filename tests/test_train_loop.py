@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from omegaconf import OmegaConf
 from train.app import compose_config
 from train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from train.ema import EMA
+from train.interrupt import Stopped
 from train.loop import train
 from train.objectives import EMASpec, Objective, OptimSpec, register
 
@@ -30,6 +32,8 @@ class ToyConfig:
     ema_decay: float = 0.9
     ema_start: int = 1
     crash_at: int = -1     # raise at this step, to simulate a killed run
+    signal_at: int = -1    # send this process `signal_name` in this step (once per micro-batch)
+    signal_name: str = "SIGTERM"
     spike_at: int = -1     # the generator's gradient is x1000 at this step
     gen_skip: float | None = None  # OptimSpec.skip_grad_norm of the generator
 
@@ -73,6 +77,8 @@ class Toy(Objective):
     def loss(self, name: str, batch, step: int, nets: Mapping[str, nn.Module]):
         if step == self.cfg.crash_at:
             raise Crash(f"simulated crash at step {step}")
+        if step == self.cfg.signal_at and name == "critic":
+            os.kill(os.getpid(), getattr(signal, self.cfg.signal_name))
         self.calls.append((step, name))
         if name == "gen":  # through the (wrapped) module's forward, as every objective must
             x = torch.ones(1, 3, device=self.ctx.device)
@@ -222,6 +228,35 @@ def test_resume_is_bit_exact(tmp_path: Path) -> None:
     records = [json.loads(line) for line in lines]
     steps = [r["step"] for r in records if "lr/gen" in r]  # training records (evaluation's are apart)
     assert steps == sorted(set(steps)) == list(range(1, 13))
+
+
+def test_sigterm_stops_after_the_step_with_checkpoint_and_export_then_resumes_bit_exact(tmp_path: Path) -> None:
+    common = ("steps=12", "ckpt_every=100", "grad_accum=2")
+    train(toy_cfg(tmp_path / "whole", *common))
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Stopped) as stopped:  # the signal arrives inside step 6 (0-based): 7 steps done
+        train(toy_cfg(tmp_path / "resumed", *common, signal_at=6))
+    assert (stopped.value.signum, stopped.value.step) == (signal.SIGTERM, 7)
+    assert signal.getsignal(signal.SIGTERM) is before  # handlers restored
+    assert load_checkpoint(latest_checkpoint(tmp_path / "resumed"))["step"] == 7
+    assert json.loads((tmp_path / "resumed" / "export" / "wallclock.json").read_text())["steps"] == 7
+    train(toy_cfg(tmp_path / "resumed", *common))
+    a = load_checkpoint(latest_checkpoint(tmp_path / "whole"))
+    b = load_checkpoint(latest_checkpoint(tmp_path / "resumed"))
+    for key in ("step", "networks", "optimizers", "ema", "counts", "rng", "data", "scalers"):
+        assert_same(a[key], b[key], key)
+
+
+def test_second_ctrl_c_stops_at_once(tmp_path: Path) -> None:
+    # grad_accum=2: two SIGINTs within step 5; the second one raises before the step completes, so
+    # only the periodic checkpoint (step 4) is on disk and nothing is exported.
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        train(toy_cfg(tmp_path / "run", "steps=12", "ckpt_every=4", "grad_accum=2",
+                      signal_at=5, signal_name="SIGINT"))
+    assert load_checkpoint(latest_checkpoint(tmp_path / "run"))["step"] == 4
+    assert not (tmp_path / "run" / "export").exists()
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 # ----- two processes, gloo -----------------------------------------------------------------------

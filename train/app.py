@@ -19,6 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from record.reader import DatasetError
 from train import UsageError
+from train.interrupt import Stopped
 from train.loop import train
 from train.pipeline import run_pipeline, split_stage_options
 from worldmodel.checkpoint import CheckpointError
@@ -95,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, CheckpointError, DatasetError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Stopped as e:
+        print(f"\n{e}", file=sys.stderr)
+        return 128 + e.signum  # the shell's code for that signal: a `&&` chain stops here
     except KeyboardInterrupt:
         print("\ninterrupted: rerun the same command to resume from the newest checkpoint", file=sys.stderr)
         return 130

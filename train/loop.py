@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import signal
 import time
 from collections import defaultdict
 from contextlib import ExitStack, nullcontext
@@ -35,6 +36,7 @@ from train.data import build_data, clip_batches
 from train.distributed import (all_gather_object, barrier, full_state_dict, gather_full,
                                init_distributed, load_like, mean_over_ranks, no_sync, pick_dtype, wrap)
 from train.ema import EMA, WARMED_UP
+from train.interrupt import Stopped, StopRequest
 from train.metrics import MetricsLog, plot_metrics
 from train.objectives import EMASpec, Objective, OptimSpec, TrainContext, get_objective
 
@@ -64,7 +66,14 @@ class LoopConfig:
 
 
 def train(cfg: DictConfig) -> Path:
-    """Run (or resume) the stage described by `cfg` to `cfg.steps`; returns the run directory."""
+    """Run (or resume) the stage described by `cfg` to `cfg.steps`; returns the run directory.
+    SIGTERM or Ctrl-C stop it at the end of a step with a checkpoint and the export, then raise
+    `Stopped` (train/interrupt.py)."""
+    with StopRequest() as stop:
+        return _train(cfg, stop)
+
+
+def _train(cfg: DictConfig, stop: StopRequest) -> Path:
     lc = LoopConfig(**{f.name: cfg[f.name] for f in fields(LoopConfig) if f.name in cfg})
     d, device = init_distributed(lc.device)
     dtype = pick_dtype(lc.dtype, device)
@@ -168,7 +177,7 @@ def train(cfg: DictConfig) -> Path:
     n_logs: dict[str, int] = defaultdict(int)
     samples, busy = 0, 0.0  # since the last log line; busy excludes evaluation and checkpoints
     t_start = time.perf_counter()
-    done = start
+    done, signalled = start, False
     for step in range(start, lc.steps):
         t_step = time.perf_counter()
         for name in objective.updates(step):
@@ -219,9 +228,14 @@ def train(cfg: DictConfig) -> Path:
         done = step + 1
         busy += time.perf_counter() - t_step
         bar.update(1)
-        # Every rank must agree to stop: the run stops when any rank's clock is past the deadline.
-        time_up = lc.max_minutes > 0 and mean_over_ranks(torch.tensor(
-            [float(time.perf_counter() - t_start > 60 * lc.max_minutes)], device=device), d).item() > 0
+        # Every rank must agree to stop: the run stops when any rank's clock is past the deadline
+        # or any rank was sent a signal (torchrun forwards SIGTERM to every worker).
+        flags = [float(lc.max_minutes > 0 and time.perf_counter() - t_start > 60 * lc.max_minutes),
+                 float(stop.signum is not None)]
+        if d.enabled:
+            flags = (mean_over_ranks(torch.tensor(flags, device=device), d) > 0).tolist()
+        signalled = bool(flags[1])
+        time_up = bool(flags[0]) or signalled
         last_step = done == lc.steps or time_up
 
         if done % lc.log_every == 0 or last_step:
@@ -255,8 +269,8 @@ def train(cfg: DictConfig) -> Path:
         if done % lc.ckpt_every == 0 or last_step:
             checkpoint(done)
         if time_up:
-            bar.write(f"max_minutes={lc.max_minutes:g} reached at step {done}/{lc.steps}: exporting; "
-                      f"rerun the same command to go on")
+            why = "stop requested" if signalled else f"max_minutes={lc.max_minutes:g} reached"
+            bar.write(f"{why} at step {done}/{lc.steps}: exporting; rerun the same command to go on")
             break
     bar.close()
 
@@ -271,6 +285,8 @@ def train(cfg: DictConfig) -> Path:
                {"steps": done, "of": lc.steps, "seconds": wall_before + time.perf_counter() - t_start})
         plot_metrics(log.read(), run_dir / "metrics.png")
     barrier(d)
+    if signalled:  # any rank's signal stops every rank
+        raise Stopped(stop.signum or signal.SIGTERM, done)
     return run_dir
 
 
