@@ -17,7 +17,7 @@ from tests.conftest import make_tiny_world
 from train.eval import metrics as M
 from train.eval import report
 from train.eval.reference import Reference
-from train.eval.score import fidelity, other_clips, shuffle_in_time
+from train.eval.score import drift, fidelity, other_clips, shuffle_in_time
 from train.eval.split import Clips, anchors, held_out_count, split_ids
 from train.evaluate import main as evaluate_main
 from worldmodel.checkpoint import save_world
@@ -83,6 +83,23 @@ def toy_clips() -> Clips:
     acts = np.array([[0, 0, 1, 1, 1, 2, 0, 1], [0, 0, 2, 2, 0, 1, 1, 1]])
     frames = np.stack([sprite_sequence([5, 5] + simulate(5, a[2:])) for a in acts])
     return Clips(frames, acts, ["e0", "e1"], [1, 1], context=2, horizon=6)
+
+
+def test_drift_flags_a_rollout_that_turns_into_one_colour() -> None:
+    rng = np.random.default_rng(0)
+    textured = rng.integers(0, 256, (40, 8, 8, 3), dtype=np.uint8)
+    red = np.zeros((8, 8, 3), np.uint8)
+    red[..., 0] = 200  # one saturated colour: high all-pixel std (channels differ), no spatial spread
+    assert M.frame_stats(red[None])[1][0] > 90 and M.colour_spread(red[None])[0] == 0
+    part_red = textured.copy()
+    part_red[10:20] = red  # 25% of the rollout, then back to texture (the last tenth looks fine)
+    ref = reference(np.zeros((8, 8, 3), np.uint8))
+    assert not drift(textured, ref)["flags"]["uniform"]
+    d = drift(part_red, ref)
+    assert d["uniform_fraction"] == 0.25 and d["flags"]["uniform"] and not d["flags"]["flat"]
+    # a world whose real frames are often uniform (facing walls) is held to its own share
+    ref.uniform_fraction = 0.2
+    assert not drift(part_red, ref)["flags"]["uniform"]  # 0.25 <= max(2 x 0.2, 0.2 + 0.1)
 
 
 def test_repeat_last_baseline_on_a_hand_made_sequence() -> None:
@@ -201,7 +218,7 @@ def test_evaluate_cli_writes_metrics_plots_and_videos(tiny: Path, capsys) -> Non
     assert set(m["controllability"]["delta_psnr"]) == set(m["controllability"]["delta_psnr_other"]) == {"1", "4"}
     probe = m["controllability"]["probe"]
     assert 0 <= probe["real_accuracy"] <= 1 and 0 <= probe["generated_accuracy"] <= 1
-    assert set(m["drift"]["flags"]) == {"out_of_range", "frozen", "flat"} and m["drift"]["frames"] == 12
+    assert set(m["drift"]["flags"]) == {"out_of_range", "frozen", "flat", "uniform"} and m["drift"]["frames"] == 12
     assert m["speed"]["first_frame_ms"] > 0 and m["speed"]["frame_ms"] > 0
     assert m["rewards"]["transitions"] > 0 and m["split"]["held_out"] and m["protocol"] == "engine"
     assert m["context_frames"] == 7 and m["samples"] == 2

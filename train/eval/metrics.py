@@ -112,6 +112,14 @@ def frame_stats(frames) -> tuple[np.ndarray, np.ndarray]:
     return f.mean(axis=1), f.std(axis=1)
 
 
+def colour_spread(frames) -> np.ndarray:
+    """Per-frame spatial standard deviation of each colour channel, averaged over channels: (N,).
+    Near 0 for a frame of one colour, even a saturated one (whose all-pixel std `frame_stats`
+    reads as high, because its channels differ)."""
+    f = np.asarray(frames, np.float64)
+    return f.reshape(len(f), -1, f.shape[-1]).std(axis=1).mean(axis=1)
+
+
 def consecutive_diff(frames) -> np.ndarray:
     """Mean absolute difference between consecutive frames, in levels: (N - 1,)."""
     f = np.asarray(frames, np.float64)

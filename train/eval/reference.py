@@ -28,13 +28,14 @@ from safetensors.torch import save_file
 
 from record.reader import Dataset
 from train import UsageError
-from train.eval.metrics import frame_stats
+from train.eval.metrics import colour_spread, frame_stats
 from train.eval.probe import InverseDynamics, ProbeConfig, train_probe
 from train.eval.split import HELD_OUT_FRACTION, read_episodes
 
-VERSION = 1
+VERSION = 2
 CACHE_DIR = ".eval_cache"
 DUPLICATE_LEVEL = 24  # consecutive frames are near-duplicates if no pixel channel moved more than this
+UNIFORM_LEVEL = 5.0   # a frame is near-uniform if its colour channels vary less than this (levels)
 
 
 @dataclass
@@ -49,6 +50,7 @@ class Reference:
     pairs: int                        # training pairs the probe was fitted on
     key: str
     path: Path
+    uniform_fraction: float = 0.0     # real frames that are near-uniform (one colour)
 
 
 def is_duplicate(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -85,7 +87,7 @@ def build_reference(dataset: Dataset, train_dirs: list[Path], resolution: int, p
     """Stream the training episodes once: statistics, and pairs for the probe."""
     per_episode = math.ceil(probe_cfg.max_pairs / max(len(train_dirs), 1))
     total = np.zeros((resolution, resolution, 3), np.float64)
-    means, stds, dups = [], [], []
+    means, stds, dups, uniform = [], [], [], []
     prev, cur, acts = [], [], []
     n = 0
     for ep in read_episodes(dataset, train_dirs, resolution):
@@ -94,6 +96,7 @@ def build_reference(dataset: Dataset, train_dirs: list[Path], resolution: int, p
         n += len(f)
         m, s = frame_stats(f)
         means.append(m), stds.append(s)
+        uniform.append(colour_spread(f) < UNIFORM_LEVEL)
         if len(f) > 1:
             dups.append(is_duplicate(f[1:], f[:-1]))
         valid = np.flatnonzero(ep.actions[1:] >= 0) + 1  # pair (i-1, i) needs a known action i
@@ -115,6 +118,7 @@ def build_reference(dataset: Dataset, train_dirs: list[Path], resolution: int, p
         "mean_range": [float(np.percentile(means_a, 0.5)), float(np.percentile(means_a, 99.5))],
         "std_range": [float(np.percentile(stds_a, 0.5)), float(np.percentile(stds_a, 99.5))],
         "duplicate_fraction": float(np.concatenate(dups).mean()) if dups else 0.0,
+        "uniform_fraction": float(np.concatenate(uniform).mean()),
         "frames": int(n), "pairs": int(len(A)), "probe": net,
     }
 
@@ -122,7 +126,8 @@ def build_reference(dataset: Dataset, train_dirs: list[Path], resolution: int, p
 def _save(path: Path, ref: dict, probe_cfg: ProbeConfig, names: list[str], key: str) -> None:
     tensors = {f"probe.{k}": v.detach().cpu().contiguous() for k, v in ref["probe"].state_dict().items()}
     tensors["mean_frame"] = torch.from_numpy(ref["mean_frame"])
-    meta = {k: ref[k] for k in ("mean_range", "std_range", "duplicate_fraction", "frames", "pairs")}
+    meta = {k: ref[k] for k in ("mean_range", "std_range", "duplicate_fraction", "uniform_fraction", "frames",
+                                 "pairs")}
     meta.update(probe=probe_cfg.to_dict(), action_names=names, key=key, version=VERSION)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -139,7 +144,8 @@ def _load(path: Path, device: torch.device | str) -> Reference:
     return Reference(mean_frame=tensors["mean_frame"].numpy(), mean_range=tuple(meta["mean_range"]),
                      std_range=tuple(meta["std_range"]), duplicate_fraction=meta["duplicate_fraction"],
                      probe=net.to(device).eval(), action_names=list(meta["action_names"]),
-                     frames=meta["frames"], pairs=meta["pairs"], key=meta["key"], path=path)
+                     frames=meta["frames"], pairs=meta["pairs"], key=meta["key"], path=path,
+                     uniform_fraction=meta["uniform_fraction"])
 
 
 def load_reference(dataset: Dataset, train_dirs: list[Path], held_dirs: list[Path], resolution: int,

@@ -26,7 +26,7 @@ import torch
 from record.reader import Episode
 from train.eval import metrics as M
 from train.eval.probe import accuracy, sequence_pairs
-from train.eval.reference import Reference, is_duplicate
+from train.eval.reference import UNIFORM_LEVEL, Reference, is_duplicate
 from train.eval.rollout import EngineRollout, JointRollout
 from train.eval.split import Clips
 from worldmodel.checkpoint import World
@@ -35,6 +35,7 @@ DRIFT_RANGE_MARGIN = 0.1      # real [p0.5, p99.5] range widened by this fractio
 DRIFT_OUT_OF_RANGE = 0.1      # flag when more than this fraction of frames leave the range
 FLAT_STD = 1.0                # levels: a frame whose pixels vary less than this is flat, whatever the data
 FLAT_FRACTION = 0.2           # ... or less than this fraction of the least contrasted real frames (p0.5)
+UNIFORM_EXCESS = 0.1          # near-uniform frames: flag above max(2x, +this) the real data's share
 
 
 @dataclass
@@ -116,7 +117,10 @@ def drift(frames: np.ndarray, ref: Reference) -> dict:
     frozen: in the second half, consecutive near-duplicates (no pixel moved more than 24 levels)
         are more frequent than max(2x, +0.2) the real data's rate (games have static stretches);
     flat: the median spatial std of the last 10% of frames is below max(1 level, 0.2 x the real
-        p0.5 std): the picture collapsed to (nearly) one colour."""
+        p0.5 std): the picture collapsed to (nearly) one grey level;
+    uniform: near-uniform frames (each colour channel varies by less than UNIFORM_LEVEL, so one
+        colour, saturated or not, anywhere in the rollout) are more frequent than max(2x, +0.1)
+        the real data's share: a world that walks into a wall and stays a red screen."""
     m, s = M.frame_stats(frames)
     (mlo, mhi), (slo, shi) = ref.mean_range, ref.std_range
     dm, ds = DRIFT_RANGE_MARGIN * (mhi - mlo) + 1.0, DRIFT_RANGE_MARGIN * (shi - slo) + 1.0
@@ -127,6 +131,8 @@ def drift(frames: np.ndarray, ref: Reference) -> dict:
     last = max(1, len(frames) // 10)
     final_std = float(np.median(s[-last:]))
     real_dup = ref.duplicate_fraction
+    uniform = float((M.colour_spread(frames) < UNIFORM_LEVEL).mean()) if len(frames) else 0.0
+    real_uniform = ref.uniform_fraction
     return {
         "frames": int(len(frames)),
         "mean": {"first": float(m[:last].mean()), "last": float(m[-last:].mean()), "min": float(m.min()),
@@ -137,10 +143,13 @@ def drift(frames: np.ndarray, ref: Reference) -> dict:
         "duplicate_fraction": float(dup.mean()) if dup.size else 0.0,
         "duplicate_fraction_second_half": tail_dup,
         "real_duplicate_fraction": real_dup,
+        "uniform_fraction": uniform,
+        "real_uniform_fraction": real_uniform,
         "flags": {
             "out_of_range": bool(outside.mean() > DRIFT_OUT_OF_RANGE),
             "frozen": bool(tail_dup > max(2 * real_dup, real_dup + 0.2)),
             "flat": bool(final_std < max(FLAT_STD, FLAT_FRACTION * slo)),
+            "uniform": bool(uniform > max(2 * real_uniform, real_uniform + UNIFORM_EXCESS)),
         },
     }
 
