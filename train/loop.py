@@ -229,11 +229,15 @@ def _train(cfg: DictConfig, stop: StopRequest) -> Path:
         busy += time.perf_counter() - t_step
         bar.update(1)
         # Every rank must agree to stop: the run stops when any rank's clock is past the deadline
-        # or any rank was sent a signal (torchrun forwards SIGTERM to every worker).
+        # or any rank was sent a signal (torchrun forwards SIGTERM to every worker). The all-reduce
+        # waits for the device, so without a deadline ranks compare notes only at log steps (which
+        # sync anyway): a signal is then honoured within log_every steps.
         flags = [float(lc.max_minutes > 0 and time.perf_counter() - t_start > 60 * lc.max_minutes),
                  float(stop.signum is not None)]
-        if d.enabled:
+        if d.enabled and (lc.max_minutes > 0 or done % lc.log_every == 0 or done == lc.steps):
             flags = (mean_over_ranks(torch.tensor(flags, device=device), d) > 0).tolist()
+        elif d.enabled:
+            flags = [0.0, 0.0]  # every rank skips the same steps, so all keep going together
         signalled = bool(flags[1])
         time_up = bool(flags[0]) or signalled
         last_step = done == lc.steps or time_up
