@@ -17,7 +17,7 @@ from tests.conftest import make_tiny_world
 from train.eval import metrics as M
 from train.eval import report
 from train.eval.reference import Reference
-from train.eval.score import drift, fidelity, other_clips, shuffle_in_time
+from train.eval.score import drift, drift_contexts, fidelity, other_clips, shuffle_in_time
 from train.eval.split import Clips, anchors, held_out_count, split_ids
 from train.evaluate import main as evaluate_main
 from worldmodel.checkpoint import save_world
@@ -100,6 +100,30 @@ def test_drift_flags_a_rollout_that_turns_into_one_colour() -> None:
     # a world whose real frames are often uniform (facing walls) is held to its own share
     ref.uniform_fraction = 0.2
     assert not drift(part_red, ref)["flags"]["uniform"]  # 0.25 <= max(2 x 0.2, 0.2 + 0.1)
+
+
+def test_drift_pools_rollouts_from_several_contexts() -> None:
+    rng = np.random.default_rng(1)
+    rollouts = rng.integers(0, 256, (4, 40, 8, 8, 3), dtype=np.uint8)
+    red = np.zeros((8, 8, 3), np.uint8)
+    red[..., 0] = 200
+    rollouts[2, 16:] = red  # one context of four walks into a red wall and stays there (60%)
+    ref = reference(np.zeros((8, 8, 3), np.uint8))
+    d = drift(rollouts, ref)
+    assert d["rollouts"] == 4 and d["frames"] == 40
+    assert d["uniform_fraction_per_rollout"] == [0.0, 0.0, 0.6, 0.0]
+    assert abs(d["uniform_fraction"] - 0.15) < 1e-9 and d["flags"]["uniform"]
+    assert not drift(rollouts[0], ref)["flags"]["uniform"]  # the first context alone misses it
+    # a rollout that ends as one grey level is flat even when the others are fine
+    rollouts[1, -8:] = 90
+    assert drift(rollouts, ref)["flags"]["flat"] and not drift(rollouts[[0, 3]], ref)["flags"]["flat"]
+    # frozen pools the second halves (20 pairs each): the red rollout repeats in all 20, the grey one in 7
+    assert abs(drift(rollouts, ref)["duplicate_fraction_second_half"] - (20 + 7) / 80) < 1e-9
+
+
+def test_drift_contexts_spread_over_the_held_out_clips() -> None:
+    assert drift_contexts(72, 4).tolist() == [0, 24, 47, 71]
+    assert drift_contexts(2, 4).tolist() == [0, 1] and drift_contexts(5, 1).tolist() == [0]
 
 
 def test_repeat_last_baseline_on_a_hand_made_sequence() -> None:
@@ -219,6 +243,9 @@ def test_evaluate_cli_writes_metrics_plots_and_videos(tiny: Path, capsys) -> Non
     probe = m["controllability"]["probe"]
     assert 0 <= probe["real_accuracy"] <= 1 and 0 <= probe["generated_accuracy"] <= 1
     assert set(m["drift"]["flags"]) == {"out_of_range", "frozen", "flat", "uniform"} and m["drift"]["frames"] == 12
+    # drift_contexts defaults to 4; the two held-out clips give two rollouts, pooled
+    assert m["drift"]["rollouts"] == 2 and m["drift"]["contexts"] == [0, 1]
+    assert len(m["drift"]["uniform_fraction_per_rollout"]) == 2
     assert m["speed"]["first_frame_ms"] > 0 and m["speed"]["frame_ms"] > 0
     assert m["rewards"]["transitions"] > 0 and m["split"]["held_out"] and m["protocol"] == "engine"
     assert m["context_frames"] == 7 and m["samples"] == 2

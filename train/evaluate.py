@@ -2,7 +2,7 @@
 
     python -m train.evaluate checkpoint=<world.safetensors> data=<dataset dir> [out=<dir>]
         [episodes=N] [starts=4] [horizons=1,4,16,64] [steps=K] [sampler=few_step|euler]
-        [cfg_scale=S] [protocol=auto|engine|joint] [rollout=1000] [videos=4] [batch=16]
+        [cfg_scale=S] [protocol=auto|engine|joint] [rollout=1000] [drift_contexts=4] [videos=4] [batch=16]
         [probe_steps=1000] [device=auto|cpu|cuda] [dtype=auto|float32|bfloat16] [seed=0]
     python -m train.evaluate checkpoints=[a.safetensors,b.safetensors] names=[teacher,dmd-1] \\
         steps=[50,1] sampler=[euler,few_step] data=<dataset dir> out=<dir>
@@ -11,7 +11,8 @@ Held-out episodes: the last 10% of the dataset's episodes by sorted id (at least
 `train/eval/split.py`. Per checkpoint: fidelity vs horizon (PSNR, SSIM, dynamic-region PSNR)
 beside the repeat-last and mean-frame baselines, Δ-PSNR (against the future actions shuffled in
 time and against another held-out clip's actions) and the inverse-dynamics probe,
-drift over a long random-action rollout, speed. `steps`, `sampler`, `cfg_scale` and `protocol`
+drift over long random-action rollouts (`rollout` frames from each of `drift_contexts` held-out
+contexts, pooled), speed. `steps`, `sampler`, `cfg_scale` and `protocol`
 take one value for all checkpoints or a list with one per checkpoint; unset, each world's own
 engine defaults apply. The bidirectional teacher (a world whose info says stage "teacher") is
 scored with the joint protocol (`train/eval/rollout.py`), every other model through the engine.
@@ -61,7 +62,8 @@ class EvalConfig:
     sampler: list[str] = field(default_factory=list)
     cfg_scale: list[float] = field(default_factory=list)
     protocol: list[str] = field(default_factory=list)
-    rollout: int = 1000               # frames of the drift rollout
+    rollout: int = 1000               # frames of each drift rollout
+    drift_contexts: int = 4           # drift rollouts, from held-out clips spread over the set
     videos: int = 4                   # sample videos per checkpoint
     batch: int = 16                   # clips generated together
     probe_steps: int = 1000
@@ -97,7 +99,7 @@ def parse_args(argv: list[str]) -> EvalConfig:
                 setattr(cfg, key, [int(v) for v in _list(value)])
             elif key == "cfg_scale":
                 cfg.cfg_scale = [float(v) for v in _list(value)]
-            elif key in ("episodes", "starts", "rollout", "videos", "batch", "probe_steps", "seed"):
+            elif key in ("episodes", "starts", "rollout", "drift_contexts", "videos", "batch", "probe_steps", "seed"):
                 setattr(cfg, key, int(value))
             else:
                 setattr(cfg, key, value)
@@ -123,8 +125,8 @@ def parse_args(argv: list[str]) -> EvalConfig:
         raise UsageError(f"sampler must be few_step or euler, got {cfg.sampler}")
     if any(p not in PROTOCOLS for p in cfg.protocol):
         raise UsageError(f"protocol must be one of {PROTOCOLS}, got {cfg.protocol}")
-    if cfg.rollout < 2 or cfg.starts < 1 or cfg.batch < 1:
-        raise UsageError("rollout must be >= 2, starts and batch >= 1")
+    if cfg.rollout < 2 or cfg.starts < 1 or cfg.batch < 1 or cfg.drift_contexts < 1:
+        raise UsageError("rollout must be >= 2, starts, batch and drift_contexts >= 1")
     return cfg
 
 
@@ -237,7 +239,7 @@ def evaluate(cfg: EvalConfig) -> Path:
         except ValueError as e:
             raise UsageError(f"{path}: {e}") from None
         scored = score(world, ro, clips, ref, cfg.horizons, cfg.rollout, cfg.seed, cfg.batch, pieces,
-                       torch.device(device))
+                       torch.device(device), contexts=cfg.drift_contexts)
         m = {"name": name, "checkpoint": str(path), "sampler": ec.sampler, "steps": ec.steps,
              "first_frame_steps": ec.first_frame_steps, "cfg_scale": ec.cfg_scale, "device": device,
              "stage": world.info.get("stage"), **scored.metrics,

@@ -42,7 +42,7 @@ UNIFORM_EXCESS = 0.1          # near-uniform frames: flag above max(2x, +this) t
 class Scored:
     metrics: dict
     generated: np.ndarray      # (N, H_max, H, W, 3) frames under the recorded actions
-    drift_frames: np.ndarray   # (T, H, W, 3)
+    drift_frames: np.ndarray   # (T, H, W, 3) the first drift rollout (the timed one)
     drift_actions: np.ndarray  # (T,)
 
 
@@ -111,39 +111,48 @@ def random_actions(n: int, num_actions: int, seed: int, hold: tuple[int, int] = 
 
 
 def drift(frames: np.ndarray, ref: Reference) -> dict:
-    """Frame statistics of a long rollout against the real data's range. Flags:
+    """Frame statistics of long rollouts against the real data's range: ``frames`` is one rollout
+    (T, H, W, 3) or several from different contexts (N, T, H, W, 3), pooled (a collapse often
+    depends on what the context faces, so one rollout can miss it). Flags:
     out_of_range: more than 10% of the frames have a pixel mean or spatial std outside the real
         frames' [p0.5, p99.5] range widened by 10% (+1 level);
     frozen: in the second half, consecutive near-duplicates (no pixel moved more than 24 levels)
         are more frequent than max(2x, +0.2) the real data's rate (games have static stretches);
-    flat: the median spatial std of the last 10% of frames is below max(1 level, 0.2 x the real
-        p0.5 std): the picture collapsed to (nearly) one grey level;
+    flat: the median spatial std of some rollout's last 10% of frames is below max(1 level,
+        0.2 x the real p0.5 std): the picture collapsed to (nearly) one grey level;
     uniform: near-uniform frames (each colour channel varies by less than UNIFORM_LEVEL, so one
-        colour, saturated or not, anywhere in the rollout) are more frequent than max(2x, +0.1)
+        colour, saturated or not, anywhere in the rollouts) are more frequent than max(2x, +0.1)
         the real data's share: a world that walks into a wall and stays a red screen."""
-    m, s = M.frame_stats(frames)
+    rollouts = frames[None] if frames.ndim == 4 else frames
+    n, t = rollouts.shape[:2]
+    m, s = (a.reshape(n, t) for a in M.frame_stats(rollouts.reshape(n * t, *rollouts.shape[2:])))
     (mlo, mhi), (slo, shi) = ref.mean_range, ref.std_range
     dm, ds = DRIFT_RANGE_MARGIN * (mhi - mlo) + 1.0, DRIFT_RANGE_MARGIN * (shi - slo) + 1.0
     outside = (m < mlo - dm) | (m > mhi + dm) | (s < slo - ds) | (s > shi + ds)
-    dup = is_duplicate(frames[1:], frames[:-1]) if len(frames) > 1 else np.zeros(0, bool)
-    tail = dup[len(dup) // 2:]
+    dup = (np.stack([is_duplicate(r[1:], r[:-1]) for r in rollouts]) if t > 1
+           else np.zeros((n, 0), bool))
+    tail = dup[:, dup.shape[1] // 2:]
     tail_dup = float(tail.mean()) if tail.size else 0.0
-    last = max(1, len(frames) // 10)
-    final_std = float(np.median(s[-last:]))
+    last = max(1, t // 10)
+    final_std = float(np.median(s[:, -last:], axis=1).min())
     real_dup = ref.duplicate_fraction
-    uniform = float((M.colour_spread(frames) < UNIFORM_LEVEL).mean()) if len(frames) else 0.0
+    uniform_each = (M.colour_spread(rollouts.reshape(n * t, *rollouts.shape[2:])) < UNIFORM_LEVEL
+                    ).reshape(n, t).mean(axis=1)
+    uniform = float(uniform_each.mean())
     real_uniform = ref.uniform_fraction
     return {
-        "frames": int(len(frames)),
-        "mean": {"first": float(m[:last].mean()), "last": float(m[-last:].mean()), "min": float(m.min()),
+        "frames": int(t),
+        "rollouts": int(n),
+        "mean": {"first": float(m[:, :last].mean()), "last": float(m[:, -last:].mean()), "min": float(m.min()),
                  "max": float(m.max()), "real_range": [mlo, mhi]},
-        "std": {"first": float(s[:last].mean()), "last": float(s[-last:].mean()), "min": float(s.min()),
+        "std": {"first": float(s[:, :last].mean()), "last": float(s[:, -last:].mean()), "min": float(s.min()),
                 "max": float(s.max()), "real_range": [slo, shi]},
         "out_of_range_fraction": float(outside.mean()),
         "duplicate_fraction": float(dup.mean()) if dup.size else 0.0,
         "duplicate_fraction_second_half": tail_dup,
         "real_duplicate_fraction": real_dup,
         "uniform_fraction": uniform,
+        "uniform_fraction_per_rollout": [float(u) for u in uniform_each],
         "real_uniform_fraction": real_uniform,
         "flags": {
             "out_of_range": bool(outside.mean() > DRIFT_OUT_OF_RANGE),
@@ -152,6 +161,13 @@ def drift(frames: np.ndarray, ref: Reference) -> dict:
             "uniform": bool(uniform > max(2 * real_uniform, real_uniform + UNIFORM_EXCESS)),
         },
     }
+
+
+def drift_contexts(n_clips: int, n: int) -> np.ndarray:
+    """Indices of ``n`` held-out clips spread over the set (clip 0 first: the one whose rollout is
+    timed and saved as a video)."""
+    n = max(1, min(n, n_clips))
+    return np.unique(np.linspace(0, n_clips - 1, n).round().astype(int))
 
 
 def speed(ro, frame_seconds: list[float]) -> dict:
@@ -194,7 +210,8 @@ def reward_scores(world: World, pieces: list[Episode], device: torch.device) -> 
 
 
 def score(world: World, ro: EngineRollout | JointRollout, clips: Clips, ref: Reference, horizons: list[int],
-          rollout: int, seed: int, batch: int, pieces: list[Episode], device: torch.device) -> Scored:
+          rollout: int, seed: int, batch: int, pieces: list[Episode], device: torch.device,
+          contexts: int = 1) -> Scored:
     """Every metric of one checkpoint; see the module docstring."""
     fut = clips.future_actions
     generated = _batched(ro, clips, fut, batch, seed)
@@ -222,11 +239,19 @@ def score(world: World, ro: EngineRollout | JointRollout, clips: Clips, ref: Ref
                      ratio=gen_acc / real_acc if real_acc > 0 else None,
                      chance=float(counts.max() / max(counts.sum(), 1)))
 
+    # drift: the first context alone (timed, saved as the video), then the others as one batch,
+    # each with its own random actions
     frame_seconds: list[float] = []
-    acts = random_actions(rollout, len(names), seed)
     c = ro.context
-    drift_frames = ro.run(clips.context_frames(c)[:1], clips.context_actions(c)[:1], acts[None], seed=seed,
-                          on_frame=lambda t, sec: frame_seconds.append(sec))[0]
+    idx = drift_contexts(len(clips), contexts)
+    acts = np.stack([random_actions(rollout, len(names), seed + i) for i in range(len(idx))])
+    ctx_frames, ctx_actions = clips.context_frames(c)[idx], clips.context_actions(c)[idx]
+    drift_frames = ro.run(ctx_frames[:1], ctx_actions[:1], acts[:1], seed=seed,
+                          on_frame=lambda t, sec: frame_seconds.append(sec))
+    timing = speed(ro, frame_seconds)  # before another run replaces the joint protocol's timings
+    if len(idx) > 1:
+        drift_frames = np.concatenate([drift_frames, ro.run(ctx_frames[1:], ctx_actions[1:], acts[1:],
+                                                            seed=seed + 1)])
 
     metrics = {
         "protocol": ro.protocol,
@@ -235,8 +260,8 @@ def score(world: World, ro: EngineRollout | JointRollout, clips: Clips, ref: Ref
         "horizons": list(horizons),
         "fidelity": fid,
         "controllability": {"delta_psnr": delta, "delta_psnr_other": delta_other, "probe": probe},
-        "drift": drift(drift_frames, ref),
-        "speed": speed(ro, frame_seconds),
+        "drift": {**drift(drift_frames, ref), "contexts": [int(i) for i in idx]},
+        "speed": timing,
         "rewards": reward_scores(world, pieces, device),
     }
-    return Scored(metrics, generated, drift_frames, acts)
+    return Scored(metrics, generated, drift_frames[0], acts[0])
