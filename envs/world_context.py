@@ -52,7 +52,7 @@ class ContextSource:
         elif spec == "real":
             self.kind = "real" if frames is not None and len(frames) else "noise"
             if self.kind == "real":
-                self._segments = _split_episodes(self._resize(np.asarray(frames)), np.asarray(actions))
+                self._segments = split_episodes(self._resize(np.asarray(frames)), np.asarray(actions))
         else:
             path = Path(spec)
             if path.is_dir():
@@ -92,7 +92,7 @@ class ContextSource:
             dirs = self._dataset.episode_dirs
             pieces = self._read_episode(dirs[int(rng.integers(len(dirs)))])
             piece = pieces[int(rng.integers(len(pieces)))]
-            segments = _split_episodes(piece.frames, piece.actions)
+            segments = split_episodes(piece.frames, piece.actions)
         else:
             segments = self._segments
         frames, actions = segments[int(rng.integers(len(segments)))]
@@ -141,7 +141,7 @@ class ContextSource:
         return pieces
 
 
-def _split_episodes(frames: np.ndarray, actions: np.ndarray | None) -> list[Clip]:
+def split_episodes(frames: np.ndarray, actions: np.ndarray | None) -> list[Clip]:
     """Cut a run of frames at episode starts (action -1 after frame 0) so no clip spans two."""
     actions = np.full(len(frames), -1, np.int64) if actions is None else np.asarray(actions, np.int64)
     starts = [0] + [i for i in range(1, len(actions)) if actions[i] < 0] + [len(actions)]

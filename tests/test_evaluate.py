@@ -11,13 +11,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from record.writer import EpisodeWriter
 from tests.conftest import make_tiny_world
 from train.eval import metrics as M
 from train.eval import report
 from train.eval.reference import Reference
-from train.eval.score import drift, drift_contexts, fidelity, other_clips, shuffle_in_time
+from train.eval.score import drift, drift_contexts, fidelity, other_clips, shuffle_in_time, world_contexts
 from train.eval.split import Clips, anchors, held_out_count, split_ids
 from train.evaluate import main as evaluate_main
 from worldmodel.checkpoint import save_world
@@ -213,11 +214,33 @@ def write_dataset(root: Path, episodes: int = 5, length: int = 40, size: int = 3
                 w.add(frame, a, reward=float(a == 3), terminated=t == length - 1)
 
 
+def carried_context() -> tuple[torch.Tensor, torch.Tensor]:
+    """Real context as a world carries it: clips of 9, 9 and 4 frames, -1 on each clip's first."""
+    g = torch.Generator().manual_seed(3)
+    frames = torch.randint(0, 256, (22, 32, 32, 3), generator=g, dtype=torch.uint8)
+    actions = torch.randint(0, 4, (22,), generator=g)
+    actions[[0, 9, 18]] = -1
+    return frames, actions
+
+
+def test_world_contexts_are_the_newest_frames_of_each_long_enough_clip() -> None:
+    world = make_tiny_world(num_actions=4)
+    world.context_frames, world.context_actions = carried_context()
+    frames, actions = world_contexts(world, 7)
+    assert frames.shape == (2, 7, 32, 32, 3)  # the 4-frame clip is too short for a 7-frame context
+    assert np.array_equal(frames[1], world.context_frames[11:18].numpy())
+    assert np.array_equal(actions[0], world.context_actions[2:9].numpy())
+    assert world_contexts(world, 10) is None
+    world.context_frames = None
+    assert world_contexts(world, 7) is None
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("eval")
     write_dataset(root / "data")
     world = make_tiny_world(num_actions=4)
+    world.context_frames, world.context_actions = carried_context()
     save_world(root / "world.safetensors", world)
     teacher = make_tiny_world(num_actions=4, seed=1)
     teacher.info["stage"] = "teacher"
@@ -243,9 +266,11 @@ def test_evaluate_cli_writes_metrics_plots_and_videos(tiny: Path, capsys) -> Non
     probe = m["controllability"]["probe"]
     assert 0 <= probe["real_accuracy"] <= 1 and 0 <= probe["generated_accuracy"] <= 1
     assert set(m["drift"]["flags"]) == {"out_of_range", "frozen", "flat", "uniform"} and m["drift"]["frames"] == 12
-    # drift_contexts defaults to 4; the two held-out clips give two rollouts, pooled
-    assert m["drift"]["rollouts"] == 2 and m["drift"]["contexts"] == [0, 1]
-    assert len(m["drift"]["uniform_fraction_per_rollout"]) == 2
+    # drift_contexts defaults to 4: the two held-out clips give two rollouts, the world's two long
+    # enough carried clips two more, pooled
+    assert m["drift"]["rollouts"] == 4
+    assert m["drift"]["contexts"] == ["held_out:0", "held_out:1", "world:0", "world:1"]
+    assert len(m["drift"]["uniform_fraction_per_rollout"]) == 4
     assert m["speed"]["first_frame_ms"] > 0 and m["speed"]["frame_ms"] > 0
     assert m["rewards"]["transitions"] > 0 and m["split"]["held_out"] and m["protocol"] == "engine"
     assert m["context_frames"] == 7 and m["samples"] == 2
@@ -282,6 +307,7 @@ def test_single_episode_dataset_is_scored_with_a_warning(tiny: Path, capsys) -> 
     (["checkpoint={world}", "data={data}", "horizons=64"], "no held-out episode is long enough"),
     (["checkpoint={world}", "data={data}", "steps=3"], "few_step sampler runs"),
     (["checkpoint={world}", "data={data}", "bogus=1"], "unknown option"),
+    (["checkpoint={world}", "data={data}", "drift_world=maybe"], "bad value for drift_world"),
     (["data={data}"], "no checkpoint given"),
 ])
 def test_bad_input_one_line_no_traceback(tiny: Path, args: list[str], message: str, capsys) -> None:

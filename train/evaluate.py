@@ -2,7 +2,7 @@
 
     python -m train.evaluate checkpoint=<world.safetensors> data=<dataset dir> [out=<dir>]
         [episodes=N] [starts=4] [horizons=1,4,16,64] [steps=K] [sampler=few_step|euler]
-        [cfg_scale=S] [protocol=auto|engine|joint] [rollout=1000] [drift_contexts=4] [videos=4] [batch=16]
+        [cfg_scale=S] [protocol=auto|engine|joint] [rollout=1000] [drift_contexts=4] [drift_world=true] [videos=4] [batch=16]
         [probe_steps=1000] [device=auto|cpu|cuda] [dtype=auto|float32|bfloat16] [seed=0]
     python -m train.evaluate checkpoints=[a.safetensors,b.safetensors] names=[teacher,dmd-1] \\
         steps=[50,1] sampler=[euler,few_step] data=<dataset dir> out=<dir>
@@ -12,7 +12,8 @@ Held-out episodes: the last 10% of the dataset's episodes by sorted id (at least
 beside the repeat-last and mean-frame baselines, Δ-PSNR (against the future actions shuffled in
 time and against another held-out clip's actions) and the inverse-dynamics probe,
 drift over long random-action rollouts (`rollout` frames from each of `drift_contexts` held-out
-contexts, pooled), speed. `steps`, `sampler`, `cfg_scale` and `protocol`
+contexts and
+from each real context clip the world carries for its resets, pooled), speed. `steps`, `sampler`, `cfg_scale` and `protocol`
 take one value for all checkpoints or a list with one per checkpoint; unset, each world's own
 engine defaults apply. The bidirectional teacher (a world whose info says stage "teacher") is
 scored with the joint protocol (`train/eval/rollout.py`), every other model through the engine.
@@ -63,7 +64,8 @@ class EvalConfig:
     cfg_scale: list[float] = field(default_factory=list)
     protocol: list[str] = field(default_factory=list)
     rollout: int = 1000               # frames of each drift rollout
-    drift_contexts: int = 4           # drift rollouts, from held-out clips spread over the set
+    drift_contexts: int = 4           # drift rollouts, from held-out clips spread over the set ...
+    drift_world: bool = True          # ... and one from each real context clip the world carries
     videos: int = 4                   # sample videos per checkpoint
     batch: int = 16                   # clips generated together
     probe_steps: int = 1000
@@ -99,6 +101,10 @@ def parse_args(argv: list[str]) -> EvalConfig:
                 setattr(cfg, key, [int(v) for v in _list(value)])
             elif key == "cfg_scale":
                 cfg.cfg_scale = [float(v) for v in _list(value)]
+            elif key == "drift_world":
+                if value.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError(value)
+                cfg.drift_world = value.lower() in ("true", "1")
             elif key in ("episodes", "starts", "rollout", "drift_contexts", "videos", "batch", "probe_steps", "seed"):
                 setattr(cfg, key, int(value))
             else:
@@ -239,7 +245,7 @@ def evaluate(cfg: EvalConfig) -> Path:
         except ValueError as e:
             raise UsageError(f"{path}: {e}") from None
         scored = score(world, ro, clips, ref, cfg.horizons, cfg.rollout, cfg.seed, cfg.batch, pieces,
-                       torch.device(device), contexts=cfg.drift_contexts)
+                       torch.device(device), contexts=cfg.drift_contexts, world_clips=cfg.drift_world)
         m = {"name": name, "checkpoint": str(path), "sampler": ec.sampler, "steps": ec.steps,
              "first_frame_steps": ec.first_frame_steps, "cfg_scale": ec.cfg_scale, "device": device,
              "stage": world.info.get("stage"), **scored.metrics,

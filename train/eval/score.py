@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from envs.world_context import split_episodes
 from record.reader import Episode
 from train.eval import metrics as M
 from train.eval.probe import accuracy, sequence_pairs
@@ -209,9 +210,22 @@ def reward_scores(world: World, pieces: list[Episode], device: torch.device) -> 
     return classification_metrics(torch.cat(logits), torch.cat(ends), torch.cat(labels), torch.cat(done))
 
 
+def world_contexts(world: World, length: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """The newest ``length`` frames (and actions) of each real context clip the world carries, the
+    clips its env's resets start from; None when it carries none as long."""
+    if world.context_frames is None or not len(world.context_frames):
+        return None
+    clips = [(f[-length:], a[-length:]) for f, a in split_episodes(world.context_frames.numpy(),
+                                                                  world.context_actions.numpy())
+             if len(a) >= length]
+    if not clips:
+        return None
+    return np.stack([f for f, _ in clips]), np.stack([a for _, a in clips])
+
+
 def score(world: World, ro: EngineRollout | JointRollout, clips: Clips, ref: Reference, horizons: list[int],
           rollout: int, seed: int, batch: int, pieces: list[Episode], device: torch.device,
-          contexts: int = 1) -> Scored:
+          contexts: int = 1, world_clips: bool = False) -> Scored:
     """Every metric of one checkpoint; see the module docstring."""
     fut = clips.future_actions
     generated = _batched(ro, clips, fut, batch, seed)
@@ -252,6 +266,15 @@ def score(world: World, ro: EngineRollout | JointRollout, clips: Clips, ref: Ref
     if len(idx) > 1:
         drift_frames = np.concatenate([drift_frames, ro.run(ctx_frames[1:], ctx_actions[1:], acts[1:],
                                                             seed=seed + 1)])
+    labels = [f"held_out:{i}" for i in idx]
+    own = world_contexts(world, c) if world_clips else None
+    if own is not None:
+        # the clips a reset starts from (what a player sees first): a world can collapse from
+        # those and not from held-out ones, or the other way round
+        own_acts = np.stack([random_actions(rollout, len(names), seed + len(idx) + i)
+                             for i in range(len(own[0]))])
+        drift_frames = np.concatenate([drift_frames, ro.run(*own, own_acts, seed=seed + 2)])
+        labels += [f"world:{i}" for i in range(len(own[0]))]
 
     metrics = {
         "protocol": ro.protocol,
@@ -260,7 +283,7 @@ def score(world: World, ro: EngineRollout | JointRollout, clips: Clips, ref: Ref
         "horizons": list(horizons),
         "fidelity": fid,
         "controllability": {"delta_psnr": delta, "delta_psnr_other": delta_other, "probe": probe},
-        "drift": {**drift(drift_frames, ref), "contexts": [int(i) for i in idx]},
+        "drift": {**drift(drift_frames, ref), "contexts": labels},
         "speed": timing,
         "rewards": reward_scores(world, pieces, device),
     }
