@@ -2,20 +2,19 @@
 
     python -m train.evaluate checkpoint=<world.safetensors> data=<dataset dir> [out=<dir>]
         [episodes=N] [starts=4] [horizons=1,4,16,64] [steps=K] [sampler=few_step|euler]
-        [cfg_scale=S] [protocol=auto|engine|joint] [rollout=1000] [drift_contexts=4] [drift_world=true] [videos=4] [batch=16]
-        [probe_steps=1000] [device=auto|cpu|cuda] [dtype=auto|float32|bfloat16] [seed=0]
+        [cfg_scale=S] [protocol=auto|engine|joint] [rollout=1000] [drift_contexts=4] [drift_world=true]
+        [videos=4] [batch=16] [probe_steps=1000] [device=auto|cpu|cuda] [dtype=auto|float32|bfloat16] [seed=0]
     python -m train.evaluate checkpoints=[a.safetensors,b.safetensors] names=[teacher,dmd-1] \\
         steps=[50,1] sampler=[euler,few_step] data=<dataset dir> out=<dir>
 
 Held-out episodes: the last 10% of the dataset's episodes by sorted id (at least one); see
 `train/eval/split.py`. Per checkpoint: fidelity vs horizon (PSNR, SSIM, dynamic-region PSNR)
 beside the repeat-last and mean-frame baselines, Δ-PSNR (against the future actions shuffled in
-time and against another held-out clip's actions) and the inverse-dynamics probe,
-drift over long random-action rollouts (`rollout` frames from each of `drift_contexts` held-out
-contexts and
-from each real context clip the world carries for its resets, pooled), speed. `steps`, `sampler`, `cfg_scale` and `protocol`
-take one value for all checkpoints or a list with one per checkpoint; unset, each world's own
-engine defaults apply. The bidirectional teacher (a world whose info says stage "teacher") is
+time and against another held-out clip's actions) and the inverse-dynamics probe, drift over
+long random-action rollouts (`rollout` frames from each of `drift_contexts` held-out contexts and
+from each real context clip the world carries for its resets, pooled), speed. `steps`,
+`sampler`, `cfg_scale` and `protocol` take one value for all checkpoints or a list with one per
+checkpoint; unset, each world's own engine defaults apply. The bidirectional teacher (a world whose info says stage "teacher") is
 scored with the joint protocol (`train/eval/rollout.py`), every other model through the engine.
 
 Output (out, default `<first checkpoint's dir>/eval`): one checkpoint -> metrics.json, plots,
