@@ -14,8 +14,9 @@ time and against another held-out clip's actions) and the inverse-dynamics probe
 long random-action rollouts (`rollout` frames from each of `drift_contexts` held-out contexts and
 from each real context clip the world carries for its resets, pooled), speed. `steps`,
 `sampler`, `cfg_scale` and `protocol` take one value for all checkpoints or a list with one per
-checkpoint; unset, each world's own engine defaults apply. The bidirectional teacher (a world whose info says stage "teacher") is
-scored with the joint protocol (`train/eval/rollout.py`), every other model through the engine.
+checkpoint; unset, each world's own engine defaults apply. The bidirectional teacher (a world
+whose info says stage "teacher") is scored with the joint protocol (`train/eval/rollout.py`),
+every other model through the engine.
 
 Output (out, default `<first checkpoint's dir>/eval`): one checkpoint -> metrics.json, plots,
 samples/*.mp4, table.md/json; several -> the same per checkpoint under out/<name>/ and one
@@ -104,7 +105,8 @@ def parse_args(argv: list[str]) -> EvalConfig:
                 if value.lower() not in ("true", "false", "1", "0"):
                     raise ValueError(value)
                 cfg.drift_world = value.lower() in ("true", "1")
-            elif key in ("episodes", "starts", "rollout", "drift_contexts", "videos", "batch", "probe_steps", "seed"):
+            elif key in ("episodes", "starts", "rollout", "drift_contexts", "videos", "batch", "probe_steps",
+                         "seed"):
                 setattr(cfg, key, int(value))
             else:
                 setattr(cfg, key, value)

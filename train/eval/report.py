@@ -111,7 +111,8 @@ def markdown_table(rows: list[dict], horizons: list[int]) -> str:
              "the same against another held-out clip's actions (a time shuffle keeps commuting actions' end "
              "state, so it reads ~0 at long horizons even for a controllable world); probe = "
              "inverse-dynamics accuracy on generated pairs / on the real pairs at the same positions "
-             "(ratio first); drift flags from long random-action rollouts from several held-out contexts; stage train min = that stage's own "
+             "(ratio first); drift flags from long random-action rollouts from several held-out contexts "
+             "and the world's own reset clips, pooled; stage train min = that stage's own "
              "training loop wall-clock (data generation included, earlier stages not).\n")
     return "\n".join(lines) + "\n" + notes
 

@@ -144,8 +144,8 @@ def drift(frames: np.ndarray, ref: Reference) -> dict:
     return {
         "frames": int(t),
         "rollouts": int(n),
-        "mean": {"first": float(m[:, :last].mean()), "last": float(m[:, -last:].mean()), "min": float(m.min()),
-                 "max": float(m.max()), "real_range": [mlo, mhi]},
+        "mean": {"first": float(m[:, :last].mean()), "last": float(m[:, -last:].mean()),
+                 "min": float(m.min()), "max": float(m.max()), "real_range": [mlo, mhi]},
         "std": {"first": float(s[:, :last].mean()), "last": float(s[:, -last:].mean()), "min": float(s.min()),
                 "max": float(s.max()), "real_range": [slo, shi]},
         "out_of_range_fraction": float(outside.mean()),
