@@ -126,7 +126,9 @@ def drift(frames: np.ndarray, ref: Reference) -> dict:
         the real data's share: a world that walks into a wall and stays a red screen."""
     rollouts = frames[None] if frames.ndim == 4 else frames
     n, t = rollouts.shape[:2]
-    m, s = (a.reshape(n, t) for a in M.frame_stats(rollouts.reshape(n * t, *rollouts.shape[2:])))
+    # one rollout at a time: the statistics work in float64, 8x the frames' bytes
+    stats = [M.frame_stats(r) for r in rollouts]
+    m, s = np.stack([a for a, _ in stats]), np.stack([b for _, b in stats])
     (mlo, mhi), (slo, shi) = ref.mean_range, ref.std_range
     dm, ds = DRIFT_RANGE_MARGIN * (mhi - mlo) + 1.0, DRIFT_RANGE_MARGIN * (shi - slo) + 1.0
     outside = (m < mlo - dm) | (m > mhi + dm) | (s < slo - ds) | (s > shi + ds)
@@ -137,8 +139,7 @@ def drift(frames: np.ndarray, ref: Reference) -> dict:
     last = max(1, t // 10)
     final_std = float(np.median(s[:, -last:], axis=1).min())
     real_dup = ref.duplicate_fraction
-    uniform_each = (M.colour_spread(rollouts.reshape(n * t, *rollouts.shape[2:])) < UNIFORM_LEVEL
-                    ).reshape(n, t).mean(axis=1)
+    uniform_each = np.array([(M.colour_spread(r) < UNIFORM_LEVEL).mean() for r in rollouts])
     uniform = float(uniform_each.mean())
     real_uniform = ref.uniform_fraction
     return {
@@ -263,9 +264,9 @@ def score(world: World, ro: EngineRollout | JointRollout, clips: Clips, ref: Ref
     drift_frames = ro.run(ctx_frames[:1], ctx_actions[:1], acts[:1], seed=seed,
                           on_frame=lambda t, sec: frame_seconds.append(sec))
     timing = speed(ro, frame_seconds)  # before another run replaces the joint protocol's timings
+    parts = [drift_frames]
     if len(idx) > 1:
-        drift_frames = np.concatenate([drift_frames, ro.run(ctx_frames[1:], ctx_actions[1:], acts[1:],
-                                                            seed=seed + 1)])
+        parts.append(ro.run(ctx_frames[1:], ctx_actions[1:], acts[1:], seed=seed + 1))
     labels = [f"held_out:{i}" for i in idx]
     own = world_contexts(world, c) if world_clips else None
     if own is not None:
@@ -273,8 +274,9 @@ def score(world: World, ro: EngineRollout | JointRollout, clips: Clips, ref: Ref
         # those and not from held-out ones, or the other way round
         own_acts = np.stack([random_actions(rollout, len(names), seed + len(idx) + i)
                              for i in range(len(own[0]))])
-        drift_frames = np.concatenate([drift_frames, ro.run(*own, own_acts, seed=seed + 2)])
+        parts.append(ro.run(*own, own_acts, seed=seed + 2))
         labels += [f"world:{i}" for i in range(len(own[0]))]
+    drift_frames = np.concatenate(parts)
 
     metrics = {
         "protocol": ro.protocol,
