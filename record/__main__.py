@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N|LOW-HIGH",
         help="random controller: frames each action is held",
     )
+    c.add_argument(
+        "--noise", type=float, default=0.15, help="tracker controller: share of decisions that hold a random action"
+    )
     c.add_argument("--max-episode-frames", type=_positive, help="cut episodes at this length")
     c.add_argument(
         "--chunk-frames", type=_positive, default=256, help="frames per chunk file (the most a crash loses)"
@@ -154,6 +157,7 @@ def _collect(args: argparse.Namespace) -> int:
         size=args.size,
         codec=args.codec,
         repeat=args.repeat,
+        noise=args.noise,
         max_episode_frames=args.max_episode_frames,
         chunk_frames=args.chunk_frames,
         chunk_seconds=args.chunk_seconds,

@@ -25,6 +25,7 @@ from envs.preprocess import Size
 from envs.registry import get_spec, make_game
 from record.controllers import Controller, RandomController, ReplayController
 from record.explorer import ExplorerController
+from record.tracker import BallTracker
 from record.reader import Dataset, DatasetError, Episode
 from record.workers import Stop, restore_signals, run_workers
 from record.writer import (
@@ -36,7 +37,7 @@ from record.writer import (
     EpisodeWriter,
 )
 
-CONTROLLERS = ("random", "explorer", "human", "replay")
+CONTROLLERS = ("random", "tracker", "explorer", "human", "replay")
 SEED_MODULUS = 2**31  # ALE and ViZDoom both take seeds below this
 
 
@@ -54,6 +55,7 @@ class CollectConfig:
     size: Size | None = None  # stored frame size (h, w); None = native
     codec: str = "png"
     repeat: tuple[int, int] = (4, 4)  # random controller: frames each action is held
+    noise: float = 0.15  # tracker: share of decisions that hold a random action instead
     max_episode_frames: int | None = None
     chunk_frames: int = 256
     chunk_seconds: float = 10.0
@@ -69,6 +71,8 @@ def make_controller(cfg: CollectConfig, env: GameEnv, seed: int | None) -> Contr
         return RandomController(env.action_space.n, cfg.repeat, seed)
     if cfg.controller == "explorer":
         return ExplorerController(env.action_names, seed)
+    if cfg.controller == "tracker":
+        return BallTracker(env.action_names, noise=cfg.noise, seed=seed)
     if cfg.controller == "human":
         # Imported here, not at the top: it starts SDL, which scripted worker processes don't need.
         from record.human import HumanController
@@ -233,6 +237,10 @@ def collect(cfg: CollectConfig) -> dict[str, Any]:
         env = make_game(game)
         env.close()
         ExplorerController(env.action_names)
+    if cfg.controller == "tracker":
+        env = make_game(game)
+        env.close()
+        BallTracker(env.action_names, noise=cfg.noise)
     n_existing, frames_existing = existing_episodes(Path(cfg.out), game)
     frames = cfg.frames
     if cfg.resume and frames is not None:
