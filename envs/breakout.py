@@ -92,6 +92,8 @@ class BreakoutScreen:
         self.max_ball_px = max(4, int(np.ceil(4 * BALL_AREA * scale + 4)))
         self._brick_row_edges = np.linspace(BRICK_ROWS[0], BRICK_ROWS[1], BRICK_GRID[0] + 1) * h / NATIVE_SHAPE[0]
         self._brick_col_edges = np.linspace(PLAY_COLS[0], PLAY_COLS[1], BRICK_GRID[1] + 1) * w / NATIVE_SHAPE[1]
+        paddle = _span(PADDLE_ROWS, NATIVE_SHAPE[0], h)
+        self.paddle_rows = slice(paddle.start + 1, max(paddle.stop - 1, paddle.start + 2))
 
     def _check(self, frame: np.ndarray) -> None:
         if frame.shape[:2] != self.shape or frame.dtype != np.uint8:
@@ -111,21 +113,36 @@ class BreakoutScreen:
         x, y = centroids[1]
         return BallReading((self.field_rows.start + float(y), self.play_cols.start + float(x)), 1)
 
-    def bricks(self, frame: np.ndarray) -> np.ndarray:
-        """(6, 18) bool: which bricks are there (a cell's inner pixels mostly lit)."""
+    def paddle(self, frame: np.ndarray) -> float | None:
+        """Centre column of the paddle in the frame's pixels (its lit columns' mean), or None."""
         self._check(frame)
-        lit = frame.max(-1) > self.threshold
-        out = np.zeros(BRICK_GRID, dtype=bool)
+        lit = frame[self.paddle_rows, self.play_cols].max(-1) > self.threshold
+        xs = np.nonzero(lit.any(0))[0]
+        return self.play_cols.start + float(xs.mean()) if len(xs) else None
+
+    def to_native(self, row: float, col: float) -> tuple[float, float]:
+        """A (row, column) in this frame's pixels as native screen coordinates."""
+        return row * NATIVE_SHAPE[0] / self.shape[0], col * NATIVE_SHAPE[1] / self.shape[1]
+
+    def bricks(self, frames: np.ndarray) -> np.ndarray:
+        """(..., 6, 18) bool: which bricks are there (a cell's inner pixels mostly lit), for one
+        frame (H, W, 3) or a stack (..., H, W, 3)."""
+        if frames.shape[-3:-1] != self.shape or frames.dtype != np.uint8:
+            raise ValueError(f"expected {self.shape} uint8 frames, got {frames.shape} {frames.dtype}")
+        lit = frames.max(-1) > self.threshold
+        out = np.zeros(frames.shape[:-3] + BRICK_GRID, dtype=bool)
         for i in range(BRICK_GRID[0]):
             r0, r1 = self._brick_row_edges[i], self._brick_row_edges[i + 1]
             rows = slice(int(np.ceil(r0)), max(int(np.floor(r1)), int(np.ceil(r0)) + 1))
             for j in range(BRICK_GRID[1]):
                 c0, c1 = self._brick_col_edges[j], self._brick_col_edges[j + 1]
                 cols = slice(int(np.ceil(c0)), max(int(np.floor(c1)), int(np.ceil(c0)) + 1))
-                out[i, j] = lit[rows, cols].mean() > 0.5
+                out[..., i, j] = lit[..., rows, cols].mean((-2, -1)) > 0.5
         return out
 
-    def field_edge(self, row: float, margin: float) -> bool:
-        """Whether a row lies within ``margin`` pixels of the field's top or bottom, where a ball
-        may leave the field for real (into the bricks, or past the paddle)."""
-        return row < self.field_rows.start + margin or row > self.field_rows.stop - 1 - margin
+    def field_edge(self, row: float, col: float, margin: float) -> bool:
+        """Whether a point lies within ``margin`` pixels of the field's border: its top or bottom,
+        where a ball may leave the field for real (into the bricks, or past the paddle), or a side
+        wall, where a bouncing ball is drawn over the wall for a frame."""
+        return (row < self.field_rows.start + margin or row > self.field_rows.stop - 1 - margin
+                or col < self.play_cols.start + margin or col > self.play_cols.stop - 1 - margin)

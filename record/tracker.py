@@ -6,6 +6,10 @@ controller moves the paddle under the ball (aiming at a random offset, so the ba
 varied angles), serves when no ball is in play, and with probability ``noise`` holds a random
 action for a few frames instead, so every action is still seen in every situation and the ball
 is missed now and then (a world must learn losing a life too).
+
+It reads native frames by default; given a `BreakoutScreen` it reads frames of that size instead
+(a world's 64x64 frames), so the evaluation can play a world with the controller that recorded
+its data and compare the two games under the same player.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from envs.breakout import PLAY_COLS, ball_native, paddle_native
+from envs.breakout import PLAY_COLS, BreakoutScreen, ball_native, paddle_native
 from record.controllers import Controller
 
 
@@ -30,6 +34,7 @@ class BallTracker(Controller):
         repeat: tuple[int, int] = (2, 6),
         aim: float = 6.0,
         seed: int | None = None,
+        screen: BreakoutScreen | None = None,
     ) -> None:
         missing = {"NOOP", "FIRE", "RIGHT", "LEFT"} - set(action_names)
         if missing:
@@ -41,7 +46,8 @@ class BallTracker(Controller):
             raise ValueError(f"tracker noise must be in [0, 1], got {noise}")
         self.ids = {name: action_names.index(name) for name in ("NOOP", "FIRE", "RIGHT", "LEFT")}
         self.n_actions = len(action_names)
-        self.noise, self.repeat, self.aim = noise, repeat, aim
+        self.noise, self.repeat, self.aim = noise, tuple(repeat), aim
+        self.screen = screen
         self.rng = np.random.default_rng(seed)
         self._random_left = 0
         self._random_action = 0
@@ -63,7 +69,7 @@ class BallTracker(Controller):
             self._random_action = int(self.rng.integers(self.n_actions))
             self._random_left = int(self.rng.integers(self.repeat[0], self.repeat[1] + 1)) - 1
             return self._random_action
-        ball, paddle = ball_native(frame), paddle_native(frame)
+        ball, paddle = self._read(frame)
         if ball is None:
             self._no_ball += 1
             # serve after a short, random wait: the world must also learn frames with no ball
@@ -81,6 +87,14 @@ class BallTracker(Controller):
         if target < paddle - 3:
             return self.ids["LEFT"]
         return self.ids["NOOP"]
+
+    def _read(self, frame: np.ndarray) -> tuple[tuple[float, float] | None, float | None]:
+        """Ball (row, column) and paddle column in native screen coordinates."""
+        if self.screen is None:
+            return ball_native(frame), paddle_native(frame)
+        ball, paddle = self.screen.read_ball(frame).ball, self.screen.paddle(frame)
+        return (None if ball is None else self.screen.to_native(*ball),
+                None if paddle is None else self.screen.to_native(0.0, paddle)[1])
 
     def config(self) -> dict[str, Any]:
         return {"noise": self.noise, "repeat": list(self.repeat), "aim": self.aim}

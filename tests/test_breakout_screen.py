@@ -50,7 +50,7 @@ def test_small_frames_read_the_ball_where_the_native_frame_has_it(real: np.ndarr
     hits = misses = 0
     for native, frame in zip(real, small):
         truth, reading = ball_native(native), screen.read_ball(frame)
-        if truth is None or screen.field_edge(truth[0] * 64 / NATIVE_SHAPE[0], 2):
+        if truth is None or screen.field_edge(truth[0] * 64 / NATIVE_SHAPE[0], truth[1] * 64 / NATIVE_SHAPE[1], 2):
             continue
         if reading.ball is None:
             misses += 1
@@ -91,7 +91,7 @@ def test_bricks_read_a_broken_brick(real: np.ndarray) -> None:
     native[57 + 12 : 57 + 18, 8 + 5 * 8 : 8 + 6 * 8] = 0  # break row 2, column 5
     broken = screen.bricks(resize_frames(native[None], (64, 64))[0])
     assert (~broken).sum() == 1 and not broken[2, 5]
-    with pytest.raises(ValueError, match="expected a"):
+    with pytest.raises(ValueError, match="expected"):
         screen.bricks(real[0])
 
 

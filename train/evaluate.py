@@ -3,7 +3,8 @@
     python -m train.evaluate checkpoint=<world.safetensors> data=<dataset dir> [out=<dir>]
         [episodes=N] [starts=4] [horizons=1,4,16,64] [steps=K] [sampler=few_step|euler]
         [cfg_scale=S] [protocol=auto|engine|joint] [rollout=1000] [drift_contexts=4] [drift_world=true]
-        [videos=4] [batch=16] [probe_steps=1000] [device=auto|cpu|cuda] [dtype=auto|float32|bfloat16] [seed=0]
+        [game_rollout=600] [game_contexts=8] [videos=4] [batch=16] [probe_steps=1000]
+        [device=auto|cpu|cuda] [dtype=auto|float32|bfloat16] [seed=0]
     python -m train.evaluate checkpoints=[a.safetensors,b.safetensors] names=[teacher,dmd-1] \\
         steps=[50,1] sampler=[euler,few_step] data=<dataset dir> out=<dir>
 
@@ -12,7 +13,10 @@ Held-out episodes: the last 10% of the dataset's episodes by sorted id (at least
 beside the repeat-last and mean-frame baselines, Δ-PSNR (against the future actions shuffled in
 time and against another held-out clip's actions) and the inverse-dynamics probe, drift over
 long random-action rollouts (`rollout` frames from each of `drift_contexts` held-out contexts and
-from each real context clip the world carries for its resets, pooled), speed. `steps`,
+from each real context clip the world carries for its resets, pooled), speed, and for games with a
+screen reader (Breakout) the game-behaviour check (`train/eval/game.py`): `game_rollout` frames
+played closed-loop by the data's own controller from `game_contexts` held-out contexts and every
+reset clip, game events counted against the held-out episodes (`game_rollout=0` skips it). `steps`,
 `sampler`, `cfg_scale` and `protocol` take one value for all checkpoints or a list with one per
 checkpoint; unset, each world's own engine defaults apply. The bidirectional teacher (a world
 whose info says stage "teacher") is scored with the joint protocol (`train/eval/rollout.py`),
@@ -36,10 +40,11 @@ import torch
 
 from train import UsageError
 from train.eval import report
+from train.eval.game import BRICK_AFTER, game_check
 from train.eval.probe import ProbeConfig
 from train.eval.reference import load_reference
 from train.eval.rollout import PROTOCOLS, make_rollout, pick_protocol
-from train.eval.score import score
+from train.eval.score import drift_contexts, score, world_contexts
 from train.eval.split import HELD_OUT_FRACTION, held_out_clips, open_dataset, split_dirs
 from train.loop import WALLCLOCK
 from worldmodel import diffusion
@@ -66,6 +71,8 @@ class EvalConfig:
     rollout: int = 1000               # frames of each drift rollout
     drift_contexts: int = 4           # drift rollouts, from held-out clips spread over the set ...
     drift_world: bool = True          # ... and one from each real context clip the world carries
+    game_rollout: int = 600           # frames of each game-behaviour rollout (0: no game check)
+    game_contexts: int = 8            # its held-out contexts (the world's reset clips come on top)
     videos: int = 4                   # sample videos per checkpoint
     batch: int = 16                   # clips generated together
     probe_steps: int = 1000
@@ -106,7 +113,7 @@ def parse_args(argv: list[str]) -> EvalConfig:
                     raise ValueError(value)
                 cfg.drift_world = value.lower() in ("true", "1")
             elif key in ("episodes", "starts", "rollout", "drift_contexts", "videos", "batch", "probe_steps",
-                         "seed"):
+                         "seed", "game_rollout", "game_contexts"):
                 setattr(cfg, key, int(value))
             else:
                 setattr(cfg, key, value)
@@ -134,6 +141,8 @@ def parse_args(argv: list[str]) -> EvalConfig:
         raise UsageError(f"protocol must be one of {PROTOCOLS}, got {cfg.protocol}")
     if cfg.rollout < 2 or cfg.starts < 1 or cfg.batch < 1 or cfg.drift_contexts < 1:
         raise UsageError("rollout must be >= 2, starts, batch and drift_contexts >= 1")
+    if cfg.game_rollout < 0 or (cfg.game_rollout and cfg.game_rollout < 2 * BRICK_AFTER) or cfg.game_contexts < 1:
+        raise UsageError(f"game_rollout must be 0 (off) or >= {2 * BRICK_AFTER} frames, game_contexts >= 1")
     return cfg
 
 
@@ -255,10 +264,20 @@ def evaluate(cfg: EvalConfig) -> Path:
                        "held_out_is_training": held_dirs == train_dirs,
                        "clips": sorted(set(clips.episode))},
              "reference": {"path": str(ref.path), "probe_pairs": ref.pairs, "frames": ref.frames},
-             "training": training_cost(path, world.info), "seconds": time.perf_counter() - t0}
+             "training": training_cost(path, world.info)}
+        game = None
+        if cfg.game_rollout:
+            game = game_check(world, ro, pieces, game_contexts(world, clips, ro.context, cfg.game_contexts),
+                              cfg.game_rollout, cfg.seed)
+        m["game"] = None if game is None else {k: v for k, v in game.items() if k != "frames"}
+        m["seconds"] = time.perf_counter() - t0
         target = out / name if multi else out
         report.write_json(target / "metrics.json", m)
         write_samples(target / "samples", clips, scored, ro.context, world.action_names, cfg.videos)
+        if game is not None:
+            for i, frames in enumerate(game["frames"][:cfg.videos]):
+                report.write_video(target / "samples" / f"game_{i}.mp4", None, frames,
+                                   [f"{t + 1}" for t in range(len(frames))], titles=("", "played"))
         report.horizon_plots({name: m}, target)
         results[name] = m
         rows.append(report.table_row(name, m))
@@ -269,8 +288,18 @@ def evaluate(cfg: EvalConfig) -> Path:
         report.horizon_plots(results, out)
     report.write_json(out / "table.json", {"rows": rows, "horizons": cfg.horizons,
                                            "seconds": time.perf_counter() - t_start})
-    (out / "table.md").write_text(report.markdown_table(rows, cfg.horizons))
+    (out / "table.md").write_text(report.markdown_table(rows, cfg.horizons) + report.game_table(rows))
     return out
+
+
+def game_contexts(world, clips, context: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` held-out contexts spread over the clips, and every reset clip the world carries."""
+    idx = drift_contexts(len(clips), n)
+    frames, actions = clips.context_frames(context)[idx], clips.context_actions(context)[idx]
+    own = world_contexts(world, context)
+    if own is not None:
+        frames, actions = np.concatenate([frames, own[0]]), np.concatenate([actions, own[1]])
+    return frames, actions
 
 
 def training_cost(path: Path, info: dict | None = None) -> dict | None:

@@ -62,7 +62,36 @@ def table_row(name: str, m: dict) -> dict:
     training = m.get("training") or {}
     row["train_min"] = training["seconds"] / 60 if "seconds" in training else None
     row["train_steps"] = training.get("steps")
+    game = m.get("game")
+    if game:
+        w, r = game["world"], game["real"]
+        row.update(game_ball=w["ball_share"], game_ball_real=r["ball_share"],
+                   game_broken=w["broken_ball_share"], game_vanish=w["vanish_per_flight"],
+                   game_vanish_real=r["vanish_per_flight"], game_bricks=w["brick_breaks_per_1000"],
+                   game_bricks_real=r["brick_breaks_per_1000"], game_restored=w["bricks_restored_per_1000"],
+                   game_rewards=w.get("reward_events_per_1000"), game_rewards_real=r.get("reward_events_per_1000"),
+                   game_failed=",".join(k for k, v in game["passes"].items() if not v) or "ok")
     return row
+
+
+def game_table(rows: list[dict]) -> str:
+    """The game-behaviour check as its own table ("" when no row has one)."""
+    rows = [r for r in rows if "game_ball" in r]
+    if not rows:
+        return ""
+    head = ["checkpoint", "ball shown (real)", "double/smeared", "vanish per flight (real)",
+            "brick breaks /1000 (real)", "bricks restored /1000", "reward events /1000 (real)", "bars failed"]
+    lines = ["\n### Game behaviour\n", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        lines.append("| " + " | ".join([
+            r["name"], f"{_fmt(r['game_ball'], 3)} ({_fmt(r['game_ball_real'], 3)})", _fmt(r["game_broken"], 3),
+            f"{_fmt(r['game_vanish'], 3)} ({_fmt(r['game_vanish_real'], 3)})",
+            f"{_fmt(r['game_bricks'])} ({_fmt(r['game_bricks_real'])})", _fmt(r["game_restored"]),
+            f"{_fmt(r['game_rewards'])} ({_fmt(r['game_rewards_real'])})", r["game_failed"]]) + " |")
+    lines.append("\nClosed-loop rollouts played by the dataset's own controller reading the world's frames, "
+                 "against the held-out episodes; bars: ball shown >= 0.8x real, brick breaks >= 0.5x real, "
+                 "vanish <= 0.1 per flight (train/eval/game.py).\n")
+    return "\n".join(lines)
 
 
 def _fmt(v, digits: int = 1) -> str:
