@@ -192,3 +192,52 @@ def test_refresh_takes_whole_blocks():
     x0, _, _, actions = data(model, 4)
     with pytest.raises(ValueError, match="whole blocks"):
         model.refresh(x0, actions, model.new_cache(2, window=6))
+
+
+def reference_rotation(x: torch.Tensor, parts: list[tuple[int, int]], angles: list[torch.Tensor]) -> torch.Tensor:
+    """Half-split RoPE written out pair by pair: in part [a, b) with half n, dims (a+i, a+n+i) are
+    x*cos - y*sin_i and y*cos_j + x*sin_j, with each dim's own angle from ``angles`` (L, b-a)."""
+    out = x.clone()
+    for (a, b), ang in zip(parts, angles):
+        n = (b - a) // 2
+        for i in range(n):
+            xi, yi = x[..., a + i], x[..., a + n + i]
+            out[..., a + i] = xi * ang[:, i].cos() - yi * ang[:, i].sin()
+            out[..., a + n + i] = yi * ang[:, n + i].cos() + xi * ang[:, n + i].sin()
+    return out
+
+
+def test_rope_rotation_matches_the_pairwise_formula():
+    from worldmodel.rope import Rope3D, _freqs
+
+    rope = Rope3D(head_dim=32, rows=2, cols=2, extra=1, max_frames=16)
+    t, h, w = rope.dims
+    frames = torch.tensor([3, 7])
+    x = torch.randn(2, 2, 2 * 5, 32, dtype=torch.float64)
+    pos_t = frames.repeat_interleave(5).double()[:, None]
+    ang_t = pos_t * _freqs(t, rope.theta)
+    rows = torch.tensor([0, 1, 1, 2, 2] * 2).double()[:, None]
+    cols = torch.tensor([0, 1, 2, 1, 2] * 2).double()[:, None]
+    ang_r, ang_c = rows * _freqs(h, rope.theta), cols * _freqs(w, rope.theta)
+    # the spatial part is one half-split over h + w dims whose angles are [row | row | col | col]
+    space = torch.cat([ang_r, ang_r, ang_c, ang_c], -1)
+    want = reference_rotation(x, [(0, t), (t, 32)], [torch.cat([ang_t, ang_t], -1), space])
+    got = rope.rotate(x.float(), *rope.tables(frames, 5)).double()
+    assert torch.allclose(got, want, atol=1e-5)
+    # time only, then space only == both at once (what the cache stores, then rotates at read)
+    stored = rope.rotate(x.float(), *rope.space_tables(2))
+    assert torch.equal(rope.rotate_time(stored, *rope.time_tables(frames, 5)), got.float())
+
+
+def test_stacked_adaln_at_inference_equals_per_block():
+    dit = randomize(DiT(DiTConfig(width=32, depth=3, heads=2, latent_size=4, latent_channels=4, num_actions=4)))
+    cond = torch.randn(2, 3, 32)
+    per_block = dit.modulations(cond)  # grad enabled: block by block
+    with torch.no_grad():
+        stacked = dit.modulations(cond)
+        dit.blocks[1].ada.weight.add_(1.0)  # a changed weight must rebuild the stack
+        changed = dit.modulations(cond)
+    for a, b in zip(per_block, stacked):
+        for x, y in zip(a, b):
+            assert torch.allclose(x, y, atol=1e-6)
+    assert torch.allclose(changed[0][0], stacked[0][0]) and not torch.allclose(changed[1][0], stacked[1][0])

@@ -109,14 +109,14 @@ class Attention(nn.Module):
         self.k_norm = nn.RMSNorm(cfg.head_dim, eps=1e-6)
         self.proj = nn.Linear(cfg.width, cfg.width)
 
-    def qkv_heads(self, x: torch.Tensor, rope: Rope3D, frames: int):
-        """x (B, L, W) -> q, k, v (B, H, L, D), qk-normed, spatially rotated (time not yet)."""
+    def qkv_heads(self, x: torch.Tensor):
+        """x (B, L, W) -> q, k, v (B, H, L, D), q and k RMS-normed (not yet rotated)."""
         b, n, _ = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         # weights cast to the activations' dtype: under autocast the fused RMSNorm needs them equal
         q = F.rms_norm(q, (self.head_dim,), self.q_norm.weight.to(q.dtype), self.q_norm.eps)
         k = F.rms_norm(k, (self.head_dim,), self.k_norm.weight.to(k.dtype), self.k_norm.eps)
-        return rope.rotate_space(q, frames), rope.rotate_space(k, frames), v
+        return q, k, v
 
     def out(self, o: torch.Tensor) -> torch.Tensor:
         b, h, n, d = o.shape
@@ -139,13 +139,15 @@ class Block(nn.Module):
         nn.init.zeros_(self.ada.weight)
         nn.init.zeros_(self.ada.bias)
 
-    def pre(self, x: torch.Tensor, cond: torch.Tensor, rope: Rope3D):
-        """x (B, F, P, W), cond (B, F, W) -> q, k, v (B, H, F*P, D) and the modulation."""
+    def pre(self, x: torch.Tensor, mods: tuple, rope: Rope3D, tables: tuple, store: bool = False):
+        """x (B, F, P, W), this block's modulation (``DiT.modulations``), RoPE ``tables`` for the
+        queries' positions -> q, k rotated by them, v (B, H, F*P, D), and with ``store`` the keys
+        rotated in space only (as the KV cache keeps them; else None)."""
         b, f, p, w = x.shape
-        mods = self.ada(F.silu(cond))[:, :, None].chunk(6, dim=-1)
         h = modulate(self.norm1(x), mods[0], mods[1]).reshape(b, f * p, w)
-        q, k, v = self.attn.qkv_heads(h, rope, f)
-        return q, k, v, mods
+        q, k, v = self.attn.qkv_heads(h)
+        k_store = rope.rotate(k, *rope.space_tables(f)) if store else None
+        return rope.rotate(q, *tables), rope.rotate(k, *tables), k_store, v
 
     def post(self, x: torch.Tensor, o: torch.Tensor, mods) -> torch.Tensor:
         """Attention output o (B, H, F*P, D) -> updated x (B, F, P, W)."""
@@ -205,6 +207,29 @@ class DiT(nn.Module):
         out = out.view(b, f, s, s, p, p, c).permute(0, 1, 2, 4, 3, 5, 6)
         return out.reshape(b, f, s * p, s * p, c).float()
 
+    def modulations(self, cond: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+        """Every block's six adaLN tensors (B, F, 1, W) from cond (B, F, W).
+
+        At inference (no grad) all blocks' projections run as one matmul over their stacked
+        weights: a 1-row linear costs about as much as a 17-row one on a CPU, so six of them per
+        call were six times the cost of one. The stack is rebuilt whenever a weight changes.
+        """
+        act = F.silu(cond)
+        if torch.is_grad_enabled():
+            return [blk.ada(act)[:, :, None].chunk(6, dim=-1) for blk in self.blocks]
+        weight, bias = self._stacked_ada()
+        out = F.linear(act, weight.to(act.dtype), bias.to(act.dtype))[:, :, None]
+        return list(zip(*[iter(out.chunk(6 * len(self.blocks), dim=-1))] * 6))
+
+    def _stacked_ada(self) -> tuple[torch.Tensor, torch.Tensor]:
+        params = [p for blk in self.blocks for p in (blk.ada.weight, blk.ada.bias)]
+        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+        if getattr(self, "_ada_key", None) != key:
+            self._ada_stack = (torch.cat([blk.ada.weight for blk in self.blocks]),
+                               torch.cat([blk.ada.bias for blk in self.blocks]))
+            self._ada_key = key
+        return self._ada_stack
+
     # ---- full-sequence layouts -------------------------------------------------------------
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, actions: torch.Tensor,
                 clean: torch.Tensor | None = None, causal: bool = False,
@@ -234,10 +259,9 @@ class DiT(nn.Module):
         positions = torch.arange(f, device=dev)
         if clean is not None:
             positions = torch.cat([positions, positions])  # both copies share RoPE positions
-        cos, sin = self.rope.time_tables(positions, cfg.tokens_per_frame)
-        for blk in self.blocks:
-            q, k, v, mods = blk.pre(tokens, cond, self.rope)
-            q, k = self.rope.rotate_time(q, cos, sin), self.rope.rotate_time(k, cos, sin)
+        tables = self.rope.tables(positions, cfg.tokens_per_frame)
+        for blk, mods in zip(self.blocks, self.modulations(cond)):
+            q, k, _, v = blk.pre(tokens, mods, self.rope, tables)
             tokens = blk.post(tokens, attend(q, k, v, mask, cfg.attention_backend), mods)
         if clean is not None:
             tokens, cond = tokens[:, f:], cond[:, f:]
@@ -271,9 +295,9 @@ class DiT(nn.Module):
         p = self.cfg.tokens_per_frame
         tokens, cond = self.embed(x, sigma, actions)
         lay = cache.layout(f)
-        qcos, qsin = self.rope.time_tables(lay.query_positions.to(x.device), p)
+        qtables = self.rope.tables(lay.query_positions.to(x.device), p)
         if lay.valid_slots:
-            kcos, ksin = self.rope.time_tables(lay.slot_positions.to(x.device), p)
+            ktables = self.rope.time_tables(lay.slot_positions.to(x.device), p)
         mask = None
         new = causal_mask(f, p, self.cfg.frames_per_block, str(x.device)) if causal else None
         if lay.key_mask is not None:  # worlds at different frames: mask their empty slots
@@ -287,13 +311,12 @@ class DiT(nn.Module):
         elif new is not None:
             mask = torch.cat([torch.ones(f * p, lay.valid_slots * p, dtype=torch.bool, device=x.device),
                               new], dim=1)  # (Lq, Lk)
-        for layer, blk in enumerate(self.blocks):
-            q, k_new, v_new, mods = blk.pre(tokens, cond, self.rope)
-            q = self.rope.rotate_time(q, qcos, qsin)
-            k, v = self.rope.rotate_time(k_new, qcos, qsin), v_new
+        for layer, (blk, mods) in enumerate(zip(self.blocks, self.modulations(cond))):
+            q, k, k_new, v = blk.pre(tokens, mods, self.rope, qtables, store=write)
+            v_new = v
             if lay.valid_slots:
                 ck, cv = cache.read(layer, lay)
-                k = torch.cat([self.rope.rotate_time(ck, kcos, ksin), k], dim=2)
+                k = torch.cat([self.rope.rotate_time(ck, *ktables), k], dim=2)
                 v = torch.cat([cv, v], dim=2)
             # The cache holds only clean frames of earlier blocks and the block itself is
             # bidirectional — exactly the teacher-forcing rule, so no mask beyond empty slots.

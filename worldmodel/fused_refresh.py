@@ -67,8 +67,8 @@ def refresh_and_forward(dit, x0: torch.Tensor, actions0: torch.Tensor, x: torch.
     q_pos = torch.cat([lay1.query_positions, lay2.query_positions], dim=-1)
     k_pos = torch.cat([lay1.slot_positions, lay1.query_positions, lay2.slot_positions,
                        _frame_positions(lay2, written), lay2.query_positions], dim=-1)
-    qcos, qsin = dit.rope.time_tables(q_pos.to(dev), p)
-    kcos, ksin = dit.rope.time_tables(k_pos.to(dev), p)
+    qtables = dit.rope.tables(q_pos.to(dev), p)
+    ktables = dit.rope.time_tables(k_pos.to(dev), p)
 
     # Frame-level mask (B, 2k, n1 + k + n2 + 2k), True = attend, then expanded to tokens.
     old2 = _valid(lay2, b).clone()
@@ -84,15 +84,15 @@ def refresh_and_forward(dit, x0: torch.Tensor, actions0: torch.Tensor, x: torch.
 
     tokens, cond = dit.embed(torch.cat([x0, x], 1), torch.cat([torch.zeros_like(sigma), sigma], 1),
                              torch.cat([actions0, actions], 1))
-    for layer, blk in enumerate(dit.blocks):
-        q, k_new, v_new, mods = blk.pre(tokens, cond, dit.rope)
+    for layer, (blk, mods) in enumerate(zip(dit.blocks, dit.modulations(cond))):
+        # the keys are rotated in time below, per group layout: only their spatial rotation here
+        q, _, k_new, v_new = blk.pre(tokens, mods, dit.rope, qtables, store=True)
         ka, va = k_new[:, :, :k * p], v_new[:, :, :k * p]
         ck1, cv1 = cache.read(layer, lay1)
         ck2, cv2 = cache.read(layer, lay2)
         keys = torch.cat([ck1, ka, ck2, ka, k_new[:, :, k * p:]], dim=2)
         vals = torch.cat([cv1, va, cv2, va, v_new[:, :, k * p:]], dim=2)
-        o = attend(dit.rope.rotate_time(q, qcos, qsin), dit.rope.rotate_time(keys, kcos, ksin), vals,
-                   mask, cfg.attention_backend)
+        o = attend(q, dit.rope.rotate_time(keys, *ktables), vals, mask, cfg.attention_backend)
         cache.write(layer, ka, va)  # after reading: the evicted slot was still needed above
         tokens = blk.post(tokens, o, mods)
     cache.advance(k)

@@ -3,8 +3,20 @@
 The head dimension is split into three even parts; each part is rotated by the token's position
 along one axis (RoFormer, Su et al. 2021, applied per axis as in Wan / Causal Forcing, reference
 §1). The spatial rotation of a token never changes, so keys can be stored in the KV cache with it
-already applied; the time rotation is applied at attention time (``rotate_time``) so a rolling
-cache can re-base frame positions to the range the model saw in training (see kv_cache.py).
+already applied; the time rotation is applied at attention time so a rolling cache can re-base
+frame positions to the range the model saw in training (see kv_cache.py).
+
+Queries and new keys are rotated in time and space at once (``rotate``): the tables carry, per
+dim, the cosine and the signed sine of its angle, and one concatenation of slices builds every
+dim's partner. That computes exactly what rotating the time and the spatial dims one after the
+other computes, with a third of the tensor ops (per-frame inference at this model size is bound
+by the number of ops more than by their FLOPs). Cached keys need only their time dims rotated
+(``rotate_time``), which touches a quarter of the head dim.
+
+The spatial part is rotated as ONE half-split over its h + w dims, so a dim with a row angle is
+paired with one with a column angle and the pair is not a pure rotation. It is still a fixed
+per-token map (spatial positions never change), every trained world learnt with it, and
+changing it would change their outputs: it stays, pinned by a test.
 """
 
 from __future__ import annotations
@@ -40,13 +52,6 @@ def cos_sin(positions: torch.Tensor, dim: int, theta: float) -> tuple[torch.Tens
     return ang.cos().float(), ang.sin().float()
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return x * cos + rotated * sin
-
-
 class Rope3D(torch.nn.Module):
     """Precomputed rotary tables for a frame of ``rows x cols`` patch tokens plus extra tokens.
 
@@ -72,37 +77,68 @@ class Rope3D(torch.nn.Module):
         self.register_buffer("time_cos", tc, persistent=False)  # (max_frames, t)
         self.register_buffer("time_sin", ts, persistent=False)
         self.max_frames = max_frames
-        self._memo_key: tuple | None = None
-        self._memo: tuple[torch.Tensor, torch.Tensor] | None = None
+        # each dim's partner under the half-split rotation of its part (time: the first t dims;
+        # space: the other h + w, split in half as one part; pairs (i, i + half)), as slices, and
+        # the sign the partner enters with
+        half_t, half_s = t // 2, (h + w) // 2
+        self._partner = ((half_t, t), (0, half_t), (t + half_s, t + 2 * half_s), (t, t + half_s))
+        sign = torch.cat([-torch.ones(half_t), torch.ones(half_t), -torch.ones(half_s), torch.ones(half_s)])
+        self.register_buffer("sign", sign, persistent=False)
+        self._memo: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def _space_tables(self, frames: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """(frames * P, h + w) tables, memoised: they are rebuilt only when the shape changes."""
-        key = (frames, dtype, self.space_cos.device)
-        if self._memo_key != key:
-            self._memo = (self.space_cos.repeat(frames, 1).to(dtype), self.space_sin.repeat(frames, 1).to(dtype))
-            self._memo_key = key
-        return self._memo
+    def _space_tables(self, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(frames * P, D) fp32 tables rotating the spatial dims only (time dims: cos 1, sin 0),
+        memoised per frame count (they never change)."""
+        key = ("space", frames, self.space_cos.device)
+        if key not in self._memo:
+            n = frames * self.space_cos.shape[0]
+            t = self.dims[0]
+            cos = torch.cat([torch.ones(n, t, device=self.space_cos.device), self.space_cos.repeat(frames, 1)], -1)
+            sin = torch.cat([torch.zeros(n, t, device=self.space_cos.device), self.space_sin.repeat(frames, 1)], -1)
+            self._memo[key] = (cos, sin * self.sign)
+        return self._memo[key]
 
-    def rotate_space(self, x: torch.Tensor, frames: int) -> torch.Tensor:
-        """Rotate the spatial dims of ``x`` (B, H, frames * P, D); time dims untouched."""
-        t = self.dims[0]
-        cos, sin = self._space_tables(frames, x.dtype)
-        return torch.cat([x[..., :t], _rotate(x[..., t:], cos, sin)], dim=-1)
-
-    def time_tables(self, positions: torch.Tensor, tokens_per_frame: int
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-token time tables for frame ``positions`` (..., F) -> (..., F * P, t) cos and sin."""
+    def _time_rows(self, positions: torch.Tensor, tokens_per_frame: int) -> tuple[torch.Tensor, torch.Tensor]:
         if int(positions.max()) >= self.max_frames or int(positions.min()) < 0:
             raise ValueError(f"RoPE time position out of range [0, {self.max_frames}): "
                              f"{positions.tolist()}")
         d = positions.dim() - 1
         cos = self.time_cos[positions].repeat_interleave(tokens_per_frame, dim=d)
         sin = self.time_sin[positions].repeat_interleave(tokens_per_frame, dim=d)
-        return cos, sin
+        return cos, sin * self.sign[:self.dims[0]]
+
+    def space_tables(self, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tables for ``rotate`` that rotate only the spatial dims of ``frames`` frames' tokens."""
+        return self._space_tables(frames)
+
+    def time_tables(self, positions: torch.Tensor, tokens_per_frame: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tables for ``rotate_time``, for frame ``positions`` (..., F): (..., F * P, t) cos and
+        signed sin of the time dims."""
+        return self._time_rows(positions, tokens_per_frame)
 
     def rotate_time(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Rotate the time dims of ``x`` (B, H, L, D) with per-token tables (L, t) or (B, L, t)."""
+        """Rotate only the time dims of ``x`` (B, H, L, D) with ``time_tables`` (L, t) / (B, L, t)."""
+        t, half = self.dims[0], self.dims[0] // 2
+        if cos.dim() == 3:
+            cos, sin = cos[:, None], sin[:, None]
+        xt = x[..., :t]
+        partner = torch.cat([xt[..., half:], xt[..., :half]], -1)
+        return torch.cat([xt * cos.to(x.dtype) + partner * sin.to(x.dtype), x[..., t:]], -1)
+
+    def tables(self, positions: torch.Tensor, tokens_per_frame: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tables for ``rotate`` that rotate time and space: frame ``positions`` (..., F) of whole
+        frames of ``tokens_per_frame`` tokens -> (..., F * P, D) cos and signed sin."""
+        cos, sin = self._time_rows(positions, tokens_per_frame)
+        scos, ssin = self._space_tables(positions.shape[-1])
         t = self.dims[0]
+        scos, ssin = scos[:, t:].expand(*cos.shape[:-1], -1), ssin[:, t:].expand(*sin.shape[:-1], -1)
+        return torch.cat([cos, scos], -1), torch.cat([sin, ssin], -1)
+
+    def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotate ``x`` (B, H, L, D) with full-dim tables (L, D) or per world (B, L, D) from
+        ``tables`` or ``space_tables``: x * cos + partner(x) * signed sin."""
         if cos.dim() == 3:  # per-world positions: broadcast over heads
             cos, sin = cos[:, None], sin[:, None]
-        return torch.cat([_rotate(x[..., :t], cos.to(x.dtype), sin.to(x.dtype)), x[..., t:]], -1)
+        partner = torch.cat([x[..., a:b] for a, b in self._partner], -1)
+        return x * cos.to(x.dtype) + partner * sin.to(x.dtype)
