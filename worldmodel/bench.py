@@ -12,7 +12,8 @@ numbers are taken with a full cache (window + sink frames). Beside each time the
 is printed: FLOPs counted by ``torch.utils.flop_counter`` divided by a measured matmul rate,
 the ratio of the frame time to it, and the tensor ops (aten calls) one frame dispatches: at this
 model size a frame's cost is mostly per-op overhead, so the op count is the number to cut.
-``--tokenizer fine`` (16x16 latents) gives the same DiT 64 patch tokens per frame, 4x small's.
+``--tokenizer fine`` (16x16 latents) gives the same DiT 64 patch tokens per frame, 4x small's
+(``--patch 4``: 16 again, as the ``fine`` model config trains it).
 ``--profile`` prints torch.profiler's table of one steady-state frame's ops.
 """
 
@@ -58,11 +59,12 @@ class OpCounter(TorchDispatchMode):
 
 
 def random_world(size: str, frames_per_block: int, train_frames: int = 16, num_actions: int = 8,
-                 tokenizer: str = "small") -> World:
+                 tokenizer: str = "small", patch: int | None = None) -> World:
     tok = Tokenizer(tokenizer_config(tokenizer))
+    extra = {} if patch is None else {"patch": patch}
     dit = build_dit(size, latent_size=tok.config.latent_size, latent_channels=tok.config.latent_channels,
                     num_actions=num_actions, frames_per_block=frames_per_block,
-                    train_frames=train_frames, max_frames=max(64, train_frames))
+                    train_frames=train_frames, max_frames=max(64, train_frames), **extra)
     return World(dit=dit, tokenizer=tok, action_names=[f"a{i}" for i in range(num_actions)])
 
 
@@ -91,8 +93,9 @@ def one_frame(eng: Engine, block: int) -> None:
 
 
 def bench_config(size: str, steps: int, block: int, fused: bool, dtype: str, compile_: bool,
-                 frames: int, train_frames: int, tokenizer: str = "small", profile: bool = False) -> dict:
-    world = random_world(size, block, train_frames, tokenizer=tokenizer)
+                 frames: int, train_frames: int, tokenizer: str = "small", profile: bool = False,
+                 patch: int | None = None) -> dict:
+    world = random_world(size, block, train_frames, tokenizer=tokenizer, patch=patch)
     eng = Engine(world, EngineConfig(steps=steps, first_frame_steps=4, dtype=dtype, compile=compile_,
                                      sink=block, seed=0, fuse_refresh=fused))
     if compile_:  # warm the compiled graphs (cold compile is not a latency a player sees twice)
@@ -139,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="small", choices=sorted(DIT_SIZES))
     p.add_argument("--tokenizer", default="small", choices=sorted(TOKENIZER_SIZES),
                    help="latent grid: fine = 16x16 latents, 4x the tokens per frame")
+    p.add_argument("--patch", type=int, default=None,
+                   help="DiT patch side in latents (default: the size's; fine + 2 = 64 tokens, fine + 4 = 16)")
     p.add_argument("--profile", action="store_true", help="print the op profile of one frame per config")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--compile", action="store_true", help="torch.compile the dense parts")
@@ -160,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.only or CONFIGS:
         steps, block, fused = CONFIGS[name]
         r = bench_config(args.model, steps, block, fused, args.dtype, args.compile, args.frames,
-                         args.train_frames, args.tokenizer, args.profile)
+                         args.train_frames, args.tokenizer, args.profile, args.patch)
         r["floor_ms"] = round(r["flops_per_frame"] / rate / 1e6, 2)
         r["floor_ratio"] = round(r["frame_ms"] / r["floor_ms"], 2)
         out[name] = r
