@@ -17,6 +17,7 @@ cannot change them — that coarser control is what the chunk-wise baseline cost
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -177,23 +178,45 @@ class Engine:
             self.frames[j], self.latents[j] = frame[0], latent[0]
         return self.frames.copy()
 
+    @contextmanager
+    def _throwaway(self):
+        """Frames made inside are forgotten: a blank context first, then the cache, the RNG and
+        the shown frame as they were before (so results do not change)."""
+        state = self.generator.get_state()
+        h, w, _ = self.frame_shape
+        self.reset(np.zeros((self.cache.slots - self.cache.slots % self.block, h, w, 3), np.uint8))
+        try:
+            yield
+        finally:
+            self.flush()
+            self.cache.reset()
+            self.generator.set_state(state)
+            self._buffer, self.frames, self.latents, self.frame_index, self.timing = [], None, None, 0, {}
+
     @torch.no_grad()
     def warm_up(self) -> None:
         """Make two throw-away blocks (context seed, denoise, decode, a refresh fused into the
         next block's first call when ``fuse_refresh``, a stand-alone one whose cost ``flush``
         budgets with) and forget them, so one-time costs (allocations, kernel selection: the
         first model call is ~2x slower; with ``compile``, each call shape's graph) are paid
-        while loading, not by the first frames a player sees. The RNG state is restored and the
-        next ``reset`` starts from nothing, so results do not change."""
-        state = self.generator.get_state()
-        h, w, _ = self.frame_shape
-        self.reset(np.zeros((self.cache.slots - self.cache.slots % self.block, h, w, 3), np.uint8))
-        for _ in range(self.block + 1):  # the second block's first call carries the first's refresh
-            self.step(0)
-        self.flush()
-        self.cache.reset()
-        self.generator.set_state(state)
-        self._buffer, self.frames, self.latents, self.frame_index, self.timing = [], None, None, 0, {}
+        while loading, not by the first frames a player sees. The next ``reset`` starts from
+        nothing, so results do not change."""
+        with self._throwaway():
+            for _ in range(self.block + 1):  # the second block's first call carries the first's refresh
+                self.step(0)
+
+    @torch.no_grad()
+    def time_frames(self, frames: int = 6) -> list[float]:
+        """Wall seconds of ``frames`` throw-away steady-state frames, each with its refresh (as
+        ``warm_up``, nothing is kept). For choosing threads."""
+        out = []
+        with self._throwaway():
+            for _ in range(frames):
+                t = time.perf_counter()
+                self.step(0)
+                self.flush()
+                out.append(time.perf_counter() - t)
+        return out
 
     @torch.no_grad()
     def step(self, actions) -> np.ndarray:
