@@ -169,4 +169,28 @@ def test_evaluate_reports_the_game_check(tmp_path) -> None:
     assert game["controller"] == "tracker" and game["real"]["ball_share"] > 0.4
     assert game["world"]["sequences"] == 3 and game["world"]["frames"] == 72  # 2 held-out contexts + 1 reset clip
     assert not game["passes"]["ball_share"]  # an untrained world shows no ball
+    assert game["tokenizer"]["ball_share"] < 0.1  # ... and its random tokenizer draws none either
     assert "### Game behaviour" in (out / "table.md").read_text() and (out / "samples" / "game_0.mp4").is_file()
+
+
+def test_tokenizer_ceiling_reads_what_the_tokenizer_draws(real: np.ndarray) -> None:
+    import torch
+
+    from train.eval.game import through_tokenizer
+
+    class Identity(torch.nn.Module):  # a perfect tokenizer, and one that erases the field
+        def __init__(self, erase: bool) -> None:
+            super().__init__()
+            self.p, self.erase = torch.nn.Parameter(torch.zeros(1)), erase
+
+        def encode(self, x):
+            return x
+
+        def decode(self, z):
+            z = z.clone()
+            if self.erase:
+                z[..., SCREEN.field_rows, SCREEN.play_cols, :] = 0
+            return z
+
+    assert rates(through_tokenizer(Identity(False), real[0], batch=64)[None]) == rates(real[:1])
+    assert rates(through_tokenizer(Identity(True), real[0])[None])["ball_share"] == 0

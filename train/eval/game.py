@@ -154,19 +154,33 @@ def reward_events(world, latents: np.ndarray, actions: np.ndarray) -> int | None
     return total
 
 
+def through_tokenizer(tokenizer, frames: np.ndarray, batch: int = 256) -> np.ndarray:
+    """Frames (T, H, W, 3) encoded and decoded by ``tokenizer``: what a perfect latent model shows."""
+    dev = next(tokenizer.parameters()).device
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(frames), batch):
+            x = torch.from_numpy(np.ascontiguousarray(frames[i:i + batch])).to(dev)
+            out.append(tokenizer.decode(tokenizer.encode(x)).cpu().numpy())
+    return np.concatenate(out)
+
+
 def game_check(world, ro, pieces, contexts: tuple[np.ndarray, np.ndarray], frames: int, seed: int) -> dict | None:
     """The game-behaviour check of one world (None for a game with no reader, or a world that cannot
-    be played closed-loop): real held-out episodes against closed-loop rollouts from ``contexts``."""
+    be played closed-loop): real held-out episodes against closed-loop rollouts from ``contexts``,
+    and the same episodes through the world's tokenizer (the ceiling: a ball the tokenizer cannot
+    draw, no world over it can show)."""
     meta = pieces[0].meta if pieces else {}
     events = GAMES.get(meta.get("game"))
     if events is None or not hasattr(ro, "engine"):
         return None
     real_rewards = sum(int((ep.rewards[1:] > 0).sum()) for ep in pieces)
     real = summarise([events(ep.frames) for ep in pieces], real_rewards)
+    ceiling = summarise([events(through_tokenizer(world.tokenizer, ep.frames)) for ep in pieces])
     ctx_frames, ctx_actions = contexts
     ctrls = [make_controller(meta, len(world.action_names), ctx_frames.shape[2:4], seed + i)
              for i in range(len(ctx_frames))]
     gen, acts, lats = closed_loop(ro, ctx_frames, ctx_actions, ctrls, frames, seed)
     made = summarise([events(g) for g in gen], reward_events(world, lats, acts))
     return {"game": meta["game"], "controller": meta.get("controller"), "rollout_frames": frames,
-            "real": real, "world": made, **compare(made, real), "frames": gen}
+            "real": real, "tokenizer": ceiling, "world": made, **compare(made, real), "frames": gen}

@@ -71,6 +71,8 @@ def table_row(name: str, m: dict) -> dict:
                    game_bricks_real=r["brick_breaks_per_1000"], game_restored=w["bricks_restored_per_1000"],
                    game_rewards=w.get("reward_events_per_1000"), game_rewards_real=r.get("reward_events_per_1000"),
                    game_failed=",".join(k for k, v in game["passes"].items() if not v) or "ok")
+        if game.get("tokenizer"):
+            row.update(game_ball_tok=game["tokenizer"]["ball_share"])
     return row
 
 
@@ -79,17 +81,18 @@ def game_table(rows: list[dict]) -> str:
     rows = [r for r in rows if "game_ball" in r]
     if not rows:
         return ""
-    head = ["checkpoint", "ball shown (real)", "double/smeared", "vanish per flight (real)",
+    head = ["checkpoint", "ball shown (real / tokenizer)", "double/smeared", "vanish per flight (real)",
             "brick breaks /1000 (real)", "bricks restored /1000", "reward events /1000 (real)", "bars failed"]
     lines = ["\n### Game behaviour\n", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         lines.append("| " + " | ".join([
-            r["name"], f"{_fmt(r['game_ball'], 3)} ({_fmt(r['game_ball_real'], 3)})", _fmt(r["game_broken"], 3),
+            r["name"], f"{_fmt(r['game_ball'], 3)} ({_fmt(r['game_ball_real'], 3)} / {_fmt(r.get('game_ball_tok'), 3)})",
+            _fmt(r["game_broken"], 3),
             f"{_fmt(r['game_vanish'], 3)} ({_fmt(r['game_vanish_real'], 3)})",
             f"{_fmt(r['game_bricks'])} ({_fmt(r['game_bricks_real'])})", _fmt(r["game_restored"]),
             f"{_fmt(r['game_rewards'])} ({_fmt(r['game_rewards_real'])})", r["game_failed"]]) + " |")
     lines.append("\nClosed-loop rollouts played by the dataset's own controller reading the world's frames, "
-                 "against the held-out episodes; bars: ball shown >= 0.8x real, brick breaks >= 0.5x real, "
+                 "against the held-out episodes (tokenizer: those episodes encoded and decoded, the ceiling); bars: ball shown >= 0.8x real, brick breaks >= 0.5x real, "
                  "vanish <= 0.1 per flight (train/eval/game.py).\n")
     return "\n".join(lines)
 
