@@ -12,7 +12,7 @@ MAX_BYTES = 25 * 2**20
 
 
 def test_the_default_and_breakout_ship() -> None:
-    assert DEFAULT_WORLD == "doom" and {"doom", "breakout"} <= set(shipped_worlds())
+    assert DEFAULT_WORLD == "breakout" and {"doom", "breakout"} <= set(shipped_worlds())
 
 
 @pytest.mark.parametrize("name", ["doom", "breakout"])

@@ -138,10 +138,10 @@ def test_shipped_world_by_name(tmp_path, monkeypatch, ckpt):
     monkeypatch.setattr(worlds, "worlds_dir", lambda: tmp_path)
     (tmp_path / "doom.safetensors").write_bytes(open(ckpt, "rb").read())
     (tmp_path / "breakout.safetensors").write_bytes(open(ckpt, "rb").read())
-    assert default_world_path() == tmp_path / "doom.safetensors"  # the first-person world
+    assert default_world_path() == tmp_path / "breakout.safetensors"
     assert worlds.shipped_worlds() == ["breakout", "doom"]
     env = gym.make("WorldModel-v0")  # the default world, no path given
-    assert env.unwrapped.runtime.path == tmp_path / "doom.safetensors"
+    assert env.unwrapped.runtime.path == tmp_path / "breakout.safetensors"
     assert env.reset(seed=0)[0].shape == (32, 32, 3)
     assert gym.make("WorldModel-v0", world="breakout").unwrapped.runtime.path == tmp_path / "breakout.safetensors"
 
