@@ -1,0 +1,395 @@
+"""The distillation objectives' losses on hand-computed cases: causal CD, DMD, causal ODE.
+
+Each objective is built for real (its ``__init__`` reads tiny exports written here), then its
+networks are replaced by stand-ins whose velocity is a closed-form function of their inputs, and
+the noise draws are pinned, so every intermediate value -- and the loss -- can be written down by
+hand below. A method that is wrong in a way a random DiT would hide (roles of two networks
+swapped, a state paired with the wrong noise level, the wrong guidance form, a normaliser over
+the wrong frames) changes these numbers.
+
+Conventions (worldmodel/diffusion.py): x_sigma = (1 - sigma) x0 + sigma eps, x0 = x - sigma v.
+"""
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+from safetensors.torch import save_file
+from tensordict import TensorDict
+
+from train.objectives import TrainContext
+from train.objectives.causal_cd import CausalCDConfig, CausalCDObjective
+from train.objectives.causal_ode import CausalODEConfig, CausalODEObjective
+from train.objectives.dmd import DMDConfig, DMDObjective
+from worldmodel import diffusion
+from worldmodel.dit import DiT, DiTConfig
+
+# ----- helpers -------------------------------------------------------------------------------
+
+
+def write_export(path: Path, stage: str) -> Path:
+    """A minimal transformer-stage export (dit.json + dit.safetensors) for the objectives' __init__."""
+    cfg = DiTConfig(width=32, depth=1, heads=2, latent_size=2, latent_channels=3, num_actions=3,
+                    max_frames=8, train_frames=4)
+    path.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in DiT(cfg).state_dict().items()}, str(path / "dit.safetensors"))
+    (path / "dit.json").write_text(json.dumps({"config": asdict(cfg), "action_names": ["a", "b", "c"],
+                                               "stage": stage, "tokenizer": str(path)}))
+    return path
+
+
+def context(tmp_path: Path, init_from: Path) -> TrainContext:
+    return TrainContext(device=torch.device("cpu"), dtype=torch.float32, rank=0, world_size=1,
+                        run_dir=tmp_path / "run", init_from=init_from, model={}, seed=0)
+
+
+class StandIn(nn.Module):
+    """A "network" whose velocity is ``fn(theta, x, sigma, given, clean)``, with sigma and given
+    (1 where the action is real, 0 for the null action -1) broadcast per frame. ``theta`` is its
+    one parameter (so EMA updates and gradients can be checked); every call is recorded."""
+
+    def __init__(self, theta: float, fn, trainable: bool = True):
+        super().__init__()
+        self.theta = nn.Parameter(torch.tensor(float(theta)), requires_grad=trainable)
+        self.fn = fn
+        self.calls: list[dict] = []
+
+    def forward(self, x, sigma, actions, clean=None, cache=None):
+        per = lambda t: t.float()[:, :, None, None, None]  # noqa: E731
+        self.calls.append({"x": x.detach().clone(), "sigma": sigma.detach().clone(),
+                           "actions": actions.clone(), "grad": torch.is_grad_enabled(),
+                           "clean": None if clean is None else clean.detach().clone()})
+        return self.fn(self.theta, x, per(sigma), per(actions >= 0), clean)
+
+
+def pin_noise(monkeypatch, value: float) -> None:
+    """Every randn_like inside the loss returns ``value``: the "noise" becomes a known constant."""
+    monkeypatch.setattr(torch, "randn_like", lambda x, **kw: torch.full_like(x, value))
+
+
+def batch_of(latents: torch.Tensor, actions: torch.Tensor) -> TensorDict:
+    return TensorDict({"latents": latents, "actions": actions}, batch_size=[latents.shape[0]])
+
+
+# ----- causal consistency distillation --------------------------------------------------------
+#
+# Stand-ins (w = 3, grid N = 4 with shift 1: sigma = 1, .75, .5, .25, 0):
+#   teacher  v = 0.5 x + 0.25 clean + [action given]  (so v_c - v_u = 1, and it must see clean = x0)
+#   target   v = 2 x + sigma                          (EMA network, theta_T = 2)
+#   student  v = 1 x + sigma                          (trainable, theta_S = 1)
+# Different thetas make a student/target swap visible; the sigma term makes the noise level each
+# network is called at visible.
+
+
+def teacher_fn(theta, x, sigma, given, clean):
+    assert clean is not None, "the teacher must see the ground-truth context (teacher forcing)"
+    return 0.5 * x + 0.25 * clean + given
+
+
+def affine_fn(theta, x, sigma, given, clean):
+    return theta * x + sigma
+
+
+def cd_objective(tmp_path, **cfg) -> CausalCDObjective:
+    ar = write_export(tmp_path / "ar", "ar")
+    obj = CausalCDObjective(CausalCDConfig(**{"grid_points": 4, "shift": 1.0, "guidance": 3.0, **cfg}),
+                            context(tmp_path, ar))
+    obj.teacher = StandIn(0.0, teacher_fn, trainable=False)
+    obj.target = StandIn(2.0, affine_fn, trainable=False)
+    obj.student = StandIn(1.0, affine_fn)
+    return obj
+
+
+def run_cd(obj, monkeypatch, n: int):
+    """One CD loss with the pair index pinned to ``n``, x0 = 1 and eps = -1 everywhere."""
+    highs = []
+
+    def randint(low, high, size, **kw):  # sample_pair's draw: record the range, return n
+        highs.append(high)
+        return torch.full(size, n, dtype=torch.long)
+
+    monkeypatch.setattr(torch, "randint", randint)
+    pin_noise(monkeypatch, -1.0)
+    x0 = torch.ones(2, 3, 1, 1, 2)
+    loss, _ = obj.loss("student", batch_of(x0, torch.zeros(2, 3, dtype=torch.long)), 0, obj.networks())
+    monkeypatch.undo()
+    return loss, highs, x0
+
+
+def test_cd_loss_on_a_hand_computed_interior_pair(tmp_path, monkeypatch):
+    """Pair n = 1: the student at (x_t, sigma_t = .75), the target at the teacher's step (x_s, .5).
+
+    x_t  = .25 * 1 + .75 * (-1)                       = -0.5
+    v_c  = .5(-.5) + .25 + 1 = 1,  v_u = 0,  v_cfg = v_u + 3 (v_c - v_u) = 3   (standard CFG)
+    x_s  = x_t + (.5 - .75) * 3                        = -1.25
+    target x0  = x_s - .5 (2 x_s + .5)                 = -0.25
+    student x0 = x_t - .75 (x_t + .75)                 = -0.6875
+    loss = (-0.6875 + 0.25)^2                          = 0.19140625
+    d loss / d theta_S = 2 (-0.4375) * (-sigma_t x_t = 0.375) = -0.328125
+    Swapping student and target gives 0.31640625; the target at (x_t, sigma_t) 0.140625; the
+    student at sigma_s 0.0625; the pair reversed (student at .5) another value again.
+    """
+    obj = cd_objective(tmp_path)
+    loss, highs, x0 = run_cd(obj, monkeypatch, n=1)
+    assert highs == [4]  # N pairs: the terminal pair (sigma_{N-1}, 0) is one of them
+    torch.testing.assert_close(loss, torch.tensor(0.19140625), rtol=0, atol=1e-7)
+    loss.backward()
+    torch.testing.assert_close(obj.student.theta.grad, torch.tensor(-0.328125), rtol=0, atol=1e-7)
+    # the stop-gradient side: neither the target nor the teacher is called with grad enabled
+    assert obj.target.theta.grad is None and obj.teacher.theta.grad is None
+    assert [c["grad"] for c in obj.student.calls] == [True]
+    assert all(not c["grad"] for c in obj.target.calls + obj.teacher.calls)
+    # who sees which state at which level: student (x_t, .75); teacher cond + uncond at (x_t, .75);
+    # target (x_s, .5); all with the ground-truth clean context, the teacher's uncond with null actions
+    (s,), (t,) = obj.student.calls, obj.target.calls
+    assert torch.all(s["sigma"] == 0.75) and torch.all(s["x"] == -0.5)
+    assert torch.all(t["sigma"] == 0.5) and torch.all(t["x"] == -1.25)
+    assert [bool(torch.all(c["sigma"] == 0.75)) for c in obj.teacher.calls] == [True, True]
+    assert [bool(torch.all(c["actions"] >= 0)) for c in obj.teacher.calls] == [True, False]
+    assert all(torch.equal(c["clean"], x0) for c in obj.student.calls + obj.target.calls + obj.teacher.calls)
+
+
+def test_cd_terminal_pair_target_is_the_teachers_step_to_zero(tmp_path, monkeypatch):
+    """Pair n = 3: (sigma_t, sigma_s) = (.25, 0); the target is the Euler endpoint, no EMA call.
+
+    x_t = .75 - .25 = 0.5;  v_c = .25 + .25 + 1 = 1.5, v_u = .5, v_cfg = .5 + 3 = 3.5
+    x_s = .5 - .25 * 3.5 = -0.375 = target;  student x0 = .5 - .25 (.5 + .25) = 0.3125
+    loss = 0.6875^2 = 0.47265625
+    """
+    obj = cd_objective(tmp_path)
+    loss, _, _ = run_cd(obj, monkeypatch, n=3)
+    torch.testing.assert_close(loss, torch.tensor(0.47265625), rtol=0, atol=1e-7)
+    assert obj.target.calls == []
+
+
+def test_cd_pairs_are_adjacent_grid_points(tmp_path):
+    """sample_pair: sigma_s is the grid point right after sigma_t, one pair per clip, every pair
+    drawn; without the terminal pair, sigma_s never reaches 0."""
+    for terminal in (True, False):
+        obj = cd_objective(tmp_path / str(terminal), shift=3.0, terminal_pair=terminal)
+        grid = diffusion.grid(4, 3.0)
+        t, s = obj.sample_pair(4000, torch.device("cpu"))
+        assert t.shape == s.shape == (4000, 1)
+        idx = (t == grid[None]).float().argmax(dim=1)
+        assert torch.equal(s[:, 0], grid[idx + 1])
+        assert sorted(set(idx.tolist())) == list(range(4 if terminal else 3))
+
+
+def test_cd_target_is_an_ema_of_the_student(tmp_path, monkeypatch):
+    """update_target: target <- mu target + (1 - mu) student, from the second call on; the
+    student is not touched (a reversed lerp would move the student onto the target)."""
+    obj = cd_objective(tmp_path, ema_decay=0.9)
+    run_cd(obj, monkeypatch, n=1)
+    assert obj.target.theta.item() == 2.0 and obj.student.theta.item() == 1.0  # first call: as built
+    run_cd(obj, monkeypatch, n=1)
+    torch.testing.assert_close(obj.target.theta.detach(), torch.tensor(0.9 * 2.0 + 0.1 * 1.0))
+    assert obj.student.theta.item() == 1.0
+    assert obj.export_weights({"student": "S", "target": "T"}) == "T"  # the stage ships the EMA
+
+
+# ----- distribution matching distillation -----------------------------------------------------
+#
+# Pinned: the scores' noise level sigma = .5 (torch.rand -> .5, shift 1) and eps = 0, so
+# x_t = x_hat / 2. Stand-ins (guidance g = 2, x0 form):
+#   real   v = .5 x + [action given]  ->  x0_c = .75 x_t - .5, x0_u = .75 x_t
+#          x0_real = x0_c + g (x0_c - x0_u) = .75 x_t - 1.5 = .375 x_hat - 1.5
+#   critic v = theta_F x, theta_F = 1  ->  x0_fake = .5 x_t = .25 x_hat
+# DMD gradient = (x0_fake - x0_real) / mean|x_hat - x0_real| = (1.5 - .125 x_hat) / norm.
+# Per frame value of x_hat:  x_hat = 2: fake - real = 1.25, |x_hat - real| = 2.75
+#                            x_hat = -2:  1.75, 0.25      x_hat = 10: 0.25, 7.75
+
+
+def real_fn(theta, x, sigma, given, clean):
+    assert clean is None, "the reference real score is the bidirectional teacher (no clean copy)"
+    return 0.5 * x + given
+
+
+def critic_fn(theta, x, sigma, given, clean):
+    assert clean is None
+    return theta * x
+
+
+def dmd_objective(tmp_path, **cfg) -> DMDObjective:
+    student = write_export(tmp_path / "cd", "causal_cd")
+    teacher = write_export(tmp_path / "teacher", "teacher")
+    obj = DMDObjective(DMDConfig(**{"teacher": str(teacher), "guidance": 2.0, "shift": 1.0, **cfg}),
+                       context(tmp_path, student))
+    obj.real = StandIn(0.0, real_fn, trainable=False)
+    obj.critic = StandIn(1.0, critic_fn)
+    return obj
+
+
+def run_dmd(obj, monkeypatch, name: str, x_hat: torch.Tensor, mask: torch.Tensor):
+    """One DMD loss for optimizer ``name`` on a rollout pinned to ``x_hat`` / ``mask``."""
+    monkeypatch.setattr(obj, "rollout", lambda gen, batch, grad: (x_hat, mask))
+    monkeypatch.setattr(torch, "rand", lambda *size, **kw: torch.full(size, 0.5))
+    pin_noise(monkeypatch, 0.0)
+    b, f = mask.shape
+    actions = torch.zeros(b, f, dtype=torch.long)
+    loss, logs = obj.loss(name, batch_of(x_hat.detach(), actions), 0, obj.networks())
+    monkeypatch.undo()
+    return loss
+
+
+def frames(values: list[list[float]]) -> torch.Tensor:
+    """x_hat (B, F, 1, 1, 2), each frame constant; 2 elements per frame, so a normaliser that
+    divides a sum by frames instead of elements shows."""
+    return torch.tensor(values)[:, :, None, None, None].expand(-1, -1, 1, 1, 2).clone().requires_grad_(True)
+
+
+def test_dmd_generator_gradient_on_a_hand_computed_case(tmp_path, monkeypatch):
+    """x_hat = 2 everywhere, all frames generated: gradient 1.25 / 2.75 = 5/11 on every element,
+    loss = 0.5 * (5/11)^2, d loss / d x_hat = (5/11) / numel (the stop-gradient target trick).
+    Descent (-grad) moves x_hat toward the real x0 (-0.75) and away from the fake (0.5).
+    With real and critic swapped the gradient is -1/6; with the normaliser on x0_fake 1.25/1.5;
+    with the standard CFG form (u + g (c - u)) 2.25/2.25."""
+    obj = dmd_objective(tmp_path)
+    x_hat = frames([[2.0, 2.0], [2.0, 2.0]])
+    loss = run_dmd(obj, monkeypatch, "generator", x_hat, torch.ones(2, 2, dtype=torch.bool))
+    g = 5 / 11
+    torch.testing.assert_close(loss, torch.tensor(0.5 * g * g, dtype=loss.dtype), rtol=1e-6, atol=0)
+    loss.backward()
+    torch.testing.assert_close(x_hat.grad, torch.full_like(x_hat, g / x_hat.numel()), rtol=1e-6, atol=0)
+    # the scores are frozen evaluations: no grad in their calls, none reaching their parameters
+    assert all(not c["grad"] for c in obj.real.calls + obj.critic.calls)
+    assert obj.critic.theta.grad is None
+    # real score: cond then uncond (null actions) at the same x_t = x_hat / 2, sigma = .5
+    assert [bool(torch.all(c["actions"] >= 0)) for c in obj.real.calls] == [True, False]
+    assert all(torch.all(c["x"] == 1.0) and torch.all(c["sigma"] == 0.5)
+               for c in obj.real.calls + obj.critic.calls)
+
+
+def test_dmd_masked_normaliser_is_per_sample_over_generated_frames(tmp_path, monkeypatch):
+    """Sample 0: frame 0 is real context (x_hat = 10, masked out), frame 1 generated (2);
+    sample 1: both generated (2, -2). Per-sample normalisers over the generated frames only:
+      sample 0: 2.75                  -> gradient (0, 1.25 / 2.75)
+      sample 1: (2.75 + 0.25) / 2 = 1.5 -> gradient (1.25 / 1.5, 1.75 / 1.5)
+    A normaliser that included the context frame would be 5.25 for sample 0, one over the whole
+    batch 3.375, one dividing by frames instead of elements 5.5; context frames get no gradient."""
+    obj = dmd_objective(tmp_path)
+    x_hat = frames([[10.0, 2.0], [2.0, -2.0]])
+    mask = torch.tensor([[False, True], [True, True]])
+    loss = run_dmd(obj, monkeypatch, "generator", x_hat, mask)
+    grad = torch.tensor([[0.0, 1.25 / 2.75], [1.25 / 1.5, 1.75 / 1.5]])
+    torch.testing.assert_close(loss, 0.5 * grad.pow(2).mean(), rtol=1e-6, atol=0)
+    loss.backward()
+    want = (grad / x_hat.numel())[:, :, None, None, None].expand_as(x_hat)
+    torch.testing.assert_close(x_hat.grad, want, rtol=1e-6, atol=1e-12)
+
+
+def test_dmd_teacher_ar_guidance_takes_the_direction_from_the_ar_model(tmp_path, monkeypatch):
+    """real_score=teacher_ar_guidance: x0_real = x0_teacher(c) + g (x0_ar(c) - x0_ar(null)), the ar
+    model seeing the rollout's frames clean. Guide v = .5 x + 2 [given] -> x0_ar(c) - x0_ar(u) =
+    -sigma * 2 = -1; at x_hat = 2 (x_t = 1): x0_real = .25 + 2 (-1) = -1.75, x0_fake = .5,
+    gradient = 2.25 / 3.75 = 0.6, loss = 0.18. The teacher's own uncond is not used."""
+    obj = dmd_objective(tmp_path, real_score="teacher_ar_guidance",
+                        ar=str(write_export(tmp_path / "ar", "ar")))
+
+    def guide_fn(theta, x, sigma, given, clean):
+        assert clean is not None, "the ar guide sees the rollout's frames clean"
+        return 0.5 * x + 2.0 * given
+
+    obj.guide = StandIn(0.0, guide_fn, trainable=False)
+    x_hat = frames([[2.0, 2.0]])
+    loss = run_dmd(obj, monkeypatch, "generator", x_hat, torch.ones(1, 2, dtype=torch.bool))
+    torch.testing.assert_close(loss, torch.tensor(0.18, dtype=loss.dtype), rtol=1e-6, atol=0)
+    assert [bool(torch.all(c["actions"] >= 0)) for c in obj.guide.calls] == [True, False]
+    assert all(torch.equal(c["clean"], x_hat.detach()) for c in obj.guide.calls)
+    assert [bool(torch.all(c["actions"] >= 0)) for c in obj.real.calls] == [True]
+
+
+def test_dmd_critic_loss_trains_the_fake_score_on_generated_frames(tmp_path, monkeypatch):
+    """Critic update: v = theta_F x_t = x_hat / 2 against the flow target eps - x_hat = -x_hat:
+    error (1.5 x_hat)^2 = 9 on each generated frame (x_hat = +-2); the context frame (x_hat = 10,
+    error 225) is left out -> loss 9 (63 if it counted). d/d theta_F = mean 2 (1.5 x_hat)(x_hat/2)
+    = 6. Only the critic is called; the real score takes no part."""
+    obj = dmd_objective(tmp_path)
+    x_hat = frames([[10.0, 2.0], [2.0, -2.0]]).detach()
+    loss = run_dmd(obj, monkeypatch, "critic", x_hat, torch.tensor([[False, True], [True, True]]))
+    torch.testing.assert_close(loss, torch.tensor(9.0), rtol=1e-6, atol=0)
+    loss.backward()
+    torch.testing.assert_close(obj.critic.theta.grad, torch.tensor(6.0), rtol=1e-6, atol=0)
+    assert obj.real.calls == [] and [c["grad"] for c in obj.critic.calls] == [True]
+
+
+# ----- causal ODE distillation ----------------------------------------------------------------
+#
+# Teacher stand-in v = clean * [given]: v_c = x0 (the clip's ground truth), v_u = 0, so with
+# guidance w = 2 the guided velocity is the constant 2 x0 and the Euler ODE from eps = 0.5 is a
+# straight line: state(sigma) = 0.5 - (1 - sigma) * 2 x0, endpoint 0.5 - 2 x0. With N = 8 and
+# shift 1 the grid is 1, .875, ..., .125, 0 and the stored states are those at grid points 0, 2,
+# 4, 6: sigma 1, .75, .5, .25, the 4-step list. All values are exact in the store's float16.
+
+ODE_X0 = [0.5, 1.0, -0.5, 0.25]  # per clip, every element
+
+
+def ode_objective(tmp_path, monkeypatch, student_fn) -> tuple[CausalODEObjective, torch.Tensor]:
+    ar = write_export(tmp_path / "ar", "ar")
+    obj = CausalODEObjective(CausalODEConfig(grid_points=8, shift=1.0, guidance=2.0, trajectories=4),
+                             context(tmp_path, ar))
+
+    def ode_teacher(theta, x, sigma, given, clean):
+        return clean * given
+
+    obj.teacher = StandIn(0.0, ode_teacher, trainable=False)
+    obj.student = StandIn(1.0, student_fn)
+    x0 = torch.tensor(ODE_X0)[:, None, None, None, None].expand(4, 2, 1, 1, 2).clone()
+    pin_noise(monkeypatch, 0.5)
+    obj.generate(x0, torch.zeros(4, 2, dtype=torch.long))
+    monkeypatch.undo()
+    return obj, x0
+
+
+def exact_student(theta, x, sigma, given, clean):
+    """theta * the teacher's guided velocity: theta = 1 predicts the ODE endpoint exactly."""
+    return theta * 2.0 * clean * given
+
+
+def pinned_draws(monkeypatch, idx: list[int], k: list[int]) -> None:
+    """The loss's two draws, in order: which stored clips, which stored state of each."""
+    draws = [torch.tensor(idx), torch.tensor(k)]
+    monkeypatch.setattr(torch, "randint", lambda low, high, size, **kw: draws.pop(0))
+
+
+def test_ode_store_pairs_each_state_with_its_grid_time(tmp_path, monkeypatch):
+    """store["states"][:, k] is the trajectory AT sigma_k of the 4-step list (not the state after
+    the step, not grid points 0..3), the endpoint is the ODE's end, each next to its own clip."""
+    obj, x0 = ode_objective(tmp_path, monkeypatch, exact_student)
+    sig = torch.tensor([1.0, 0.75, 0.5, 0.25])
+    torch.testing.assert_close(obj.grid[torch.tensor(obj.keep)], sig)
+    torch.testing.assert_close(obj.grid[torch.tensor(obj.keep)], diffusion.step_list(4, 1.0))
+    want = 0.5 - (1 - sig)[None, :, None, None, None, None] * 2 * x0[:, None]  # (clips, 4, F, h, w, c)
+    torch.testing.assert_close(obj.store["states"].float(), want, atol=1e-3, rtol=0)
+    torch.testing.assert_close(obj.store["endpoint"].float(), 0.5 - 2 * x0, atol=1e-3, rtol=0)
+    assert torch.equal(obj.store["gt"].float(), x0)
+
+
+def test_ode_loss_pairs_state_and_sigma(tmp_path, monkeypatch):
+    """A student equal to the guided teacher velocity maps every stored state, at ITS sigma, onto
+    the endpoint: loss 0. A state paired with the next level is off by .25 * 2 x0 -> loss > 0.
+    Every call: state = 0.5 - (1 - sigma) 2 clean, with sigma in the 4-step list."""
+    obj, _ = ode_objective(tmp_path, monkeypatch, exact_student)
+    pinned_draws(monkeypatch, idx=[2, 0, 3, 1], k=[0, 1, 2, 3])
+    loss, _ = obj.loss("student", batch_of(torch.zeros(4, 2, 1, 1, 2), torch.zeros(4, 2, dtype=torch.long)),
+                       0, obj.networks())
+    assert loss.item() < 1e-10
+    (call,) = obj.student.calls
+    torch.testing.assert_close(call["sigma"], torch.tensor([[1.0] * 2, [0.75] * 2, [0.5] * 2, [0.25] * 2]))
+    sigma = call["sigma"][:, :, None, None, None]
+    torch.testing.assert_close(call["x"], 0.5 - (1 - sigma) * 2 * call["clean"], atol=1e-3, rtol=0)
+    torch.testing.assert_close(call["clean"][:, 0, 0, 0, 0], torch.tensor([-0.5, 0.5, 0.25, 1.0]))
+
+
+def test_ode_loss_regresses_onto_the_endpoint_by_hand(tmp_path, monkeypatch):
+    """theta = 0.5: x0_hat = state - sigma gt = endpoint + sigma gt, so the per-row error is
+    sigma * gt: rows (clip 2, sigma 1), (clip 0, .75), (clip 3, .5), (clip 1, .25) give
+    (-.5)^2, .375^2, .125^2, .25^2 -> loss = 0.46875 / 4 = 0.1171875."""
+    obj, _ = ode_objective(tmp_path, monkeypatch, exact_student)
+    obj.student.theta.data.fill_(0.5)
+    pinned_draws(monkeypatch, idx=[2, 0, 3, 1], k=[0, 1, 2, 3])
+    loss, _ = obj.loss("student", batch_of(torch.zeros(4, 2, 1, 1, 2), torch.zeros(4, 2, dtype=torch.long)),
+                       0, obj.networks())
+    torch.testing.assert_close(loss, torch.tensor(0.1171875), atol=1e-6, rtol=0)
