@@ -224,11 +224,11 @@ def dmd_objective(tmp_path, **cfg) -> DMDObjective:
 
 def run_dmd(obj, monkeypatch, name: str, x_hat: torch.Tensor, mask: torch.Tensor):
     """One DMD loss for optimizer ``name`` on a rollout pinned to ``x_hat`` / ``mask``."""
-    monkeypatch.setattr(obj, "rollout", lambda gen, batch, grad: (x_hat, mask))
-    monkeypatch.setattr(torch, "rand", lambda *size, **kw: torch.full(size, 0.5))
-    pin_noise(monkeypatch, 0.0)
     b, f = mask.shape
     actions = torch.zeros(b, f, dtype=torch.long)
+    monkeypatch.setattr(obj, "rollout", lambda gen, batch, grad: (x_hat, mask, actions))
+    monkeypatch.setattr(torch, "rand", lambda *size, **kw: torch.full(size, 0.5))
+    pin_noise(monkeypatch, 0.0)
     loss, logs = obj.loss(name, batch_of(x_hat.detach(), actions), 0, obj.networks())
     monkeypatch.undo()
     return loss
@@ -393,3 +393,21 @@ def test_ode_loss_regresses_onto_the_endpoint_by_hand(tmp_path, monkeypatch):
     loss, _ = obj.loss("student", batch_of(torch.zeros(4, 2, 1, 1, 2), torch.zeros(4, 2, dtype=torch.long)),
                        0, obj.networks())
     torch.testing.assert_close(loss, torch.tensor(0.1171875), atol=1e-6, rtol=0)
+
+
+def test_dmd_scores_judge_a_rollout_from_noise_under_its_null_first_action(tmp_path, monkeypatch):
+    """A rollout started from noise makes frame 0 with the null action (no action came before
+    it); the real score, its guidance and the critic must be given that same null action, not
+    the clip's recorded one, or they judge the frame under an action it was not made with."""
+    obj = dmd_objective(tmp_path, context_prob=0.0)
+    made_with = []
+    monkeypatch.setattr("train.objectives.dmd.self_rollout",
+                        lambda gen, actions, *a, **kw: made_with.append(actions.clone())
+                        or torch.zeros(actions.shape + (1, 1, 2)))
+    obj.ctx.shared_randint = lambda low, high: 0
+    batch = batch_of(torch.zeros(2, 3, 1, 1, 2), torch.ones(2, 3, dtype=torch.long))
+    for name in ("generator", "critic"):
+        obj.loss(name, batch, 0, obj.networks())
+    assert all(bool((a[:, 0] == -1).all() and (a[:, 1:] == 1).all()) for a in made_with)
+    for call in obj.real.calls[::2] + obj.critic.calls:  # conditioned calls (every other real call is the null)
+        assert bool((call["actions"][:, 0] == -1).all() and (call["actions"][:, 1:] == 1).all()), call["actions"]

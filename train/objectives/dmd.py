@@ -148,8 +148,11 @@ class DMDObjective(Objective):
     def updates(self, step: int) -> list[str]:
         return ["generator", "critic"] if step % self.cfg.critic_ratio == 0 else ["critic"]
 
-    def rollout(self, gen: nn.Module, batch: TensorDict, grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """x_hat (B, F, h, w, c) and the mask (B, F) of generated frames."""
+    def rollout(self, gen: nn.Module, batch: TensorDict, grad: bool
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x_hat (B, F, h, w, c), the mask (B, F) of generated frames, and the actions (B, F) the
+        generator was given (frame 0's is null when the rollout starts from noise): the scores
+        must judge the clip under the same actions the generator made it with."""
         x0, actions = batch["latents"].float(), batch["actions"].long()
         b, f = actions.shape
         k = len(self.step_list)
@@ -165,7 +168,7 @@ class DMDObjective(Objective):
                              exit_step, first_exit, context=x0[:, :c] if c else None, grad=grad)
         mask = torch.ones(b, f, dtype=torch.bool, device=x0.device)
         mask[:, :c] = False
-        return x_hat, mask
+        return x_hat, mask, actions
 
     def noise_level(self, mask: torch.Tensor) -> torch.Tensor:
         """(B, F) sigma for the scores: one level per sample; 0 on the context frames (so they
@@ -180,9 +183,8 @@ class DMDObjective(Objective):
 
     def loss(self, name: str, batch: TensorDict, step: int,
              nets: Mapping[str, nn.Module]) -> tuple[torch.Tensor, Logs]:
-        actions = batch["actions"].long()
         if name == "generator":
-            x_hat, mask = self.rollout(nets["generator"], batch, grad=True)
+            x_hat, mask, actions = self.rollout(nets["generator"], batch, grad=True)
             sigma = self.noise_level(mask)
             x_t = diffusion.add_noise(x_hat.detach(), torch.randn_like(x_hat), sigma)
             with torch.no_grad():
@@ -202,7 +204,7 @@ class DMDObjective(Objective):
             loss = dmd_loss(x_hat, grad)
             return loss.float(), {"dmd_grad_rms": grad.pow(2).mean().sqrt()}
         with torch.no_grad():
-            x_hat, mask = self.rollout(nets["generator"], batch, grad=False)
+            x_hat, mask, actions = self.rollout(nets["generator"], batch, grad=False)
         sigma = self.noise_level(mask)
         eps = torch.randn_like(x_hat)
         x_t = diffusion.add_noise(x_hat, eps, sigma)
