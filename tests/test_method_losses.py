@@ -411,3 +411,25 @@ def test_dmd_scores_judge_a_rollout_from_noise_under_its_null_first_action(tmp_p
     assert all(bool((a[:, 0] == -1).all() and (a[:, 1:] == 1).all()) for a in made_with)
     for call in obj.real.calls[::2] + obj.critic.calls:  # conditioned calls (every other real call is the null)
         assert bool((call["actions"][:, 0] == -1).all() and (call["actions"][:, 1:] == 1).all()), call["actions"]
+
+
+def test_ode_trajectories_are_made_and_kept_in_fp32_under_bf16_training(tmp_path, monkeypatch):
+    """Stage training may run under bf16 autocast; the ODE targets must not: the teacher sees fp32
+    inputs (autocast off) and the store keeps fp32, so the endpoint a student regresses onto is
+    exact to fp32."""
+    dtypes = []
+
+    def teacher(theta, x, sigma, given, clean):
+        dtypes.append((x.dtype, torch.is_autocast_enabled("cpu")))
+        return clean * given
+
+    obj, _ = ode_objective(tmp_path, monkeypatch, exact_student)
+    obj.teacher = StandIn(0.0, teacher, trainable=False)
+    obj.store = {}
+    x0 = torch.full((1, 2, 1, 1, 2), 0.3)
+    pin_noise(monkeypatch, 0.5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        obj.generate(x0.to(torch.bfloat16), torch.zeros(1, 2, dtype=torch.long))
+    assert dtypes and all(d == (torch.float32, False) for d in dtypes)
+    assert all(v.dtype in (torch.float32, torch.long) for v in obj.store.values())
+    torch.testing.assert_close(obj.store["endpoint"], 0.5 - 2 * x0.to(torch.bfloat16).float(), atol=1e-7, rtol=0)

@@ -71,8 +71,17 @@ class CausalODEObjective(DistilledStudent):
 
     @torch.no_grad()
     def generate(self, x0: torch.Tensor, actions: torch.Tensor) -> None:
-        """Integrate the guided teacher ODE for a batch of real clips and store the states."""
+        """Integrate the guided teacher ODE for a batch of real clips and store the states.
+
+        In fp32 whatever the training precision (autocast off), and stored in fp32: the student
+        regresses onto these endpoints, and a bf16 ODE of 32+ steps carries its rounding into
+        every target."""
         t0 = time.perf_counter()
+        with torch.autocast(x0.device.type, enabled=False):
+            self._generate(x0.float(), actions)
+        self.gen_s += time.perf_counter() - t0
+
+    def _generate(self, x0: torch.Tensor, actions: torch.Tensor) -> None:
         v_c, v_u = self.teacher_v(x0, actions)
 
         def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -86,12 +95,11 @@ class CausalODEObjective(DistilledStudent):
                                   callback=lambda d: states.append(d["x"]) if d["i"] in keep else None)
         new = {"states": torch.stack(states, 1), "endpoint": endpoint, "gt": x0, "actions": actions}
         room = self.cfg.trajectories - self.stored
-        with torch.autocast(x0.device.type, enabled=False):  # CPU autocast rejects fp16 in cat
-            for k, v in new.items():
-                v = v[:room].float().to(torch.float16) if v.is_floating_point() else v[:room]
-                v = v.cpu()
-                self.store[k] = torch.cat([self.store[k], v]) if k in self.store else v
-        self.gen_s += time.perf_counter() - t0
+        for k, v in new.items():
+            v = (v[:room].float() if v.is_floating_point() else v[:room]).cpu()
+            if k in self.store:  # a store resumed from an older checkpoint may be fp16
+                v = torch.cat([self.store[k].to(v.dtype), v])
+            self.store[k] = v
 
     def loss(self, name: str, batch: TensorDict, step: int,
              nets: Mapping[str, nn.Module]) -> tuple[torch.Tensor, Logs]:
