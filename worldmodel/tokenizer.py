@@ -38,6 +38,9 @@ class TokenizerConfig:
     channels: Sequence[int] = (32, 64, 128)
     encoder_blocks: Sequence[int] = (1, 1, 1)
     decoder_blocks: Sequence[int] = (1, 1, 0)
+    # decoder upsampling: "nearest" (nearest-neighbour x2, then a conv) or "shuffle" (a conv
+    # predicts each cell's 2x2 children, then a pixel shuffle; see SubpixelUpsample)
+    upsample: str = "nearest"
 
     def __post_init__(self) -> None:
         # Hydra/OmegaConf hand sequences over as ListConfig: store plain tuples.
@@ -63,6 +66,8 @@ class TokenizerConfig:
                     f"{name} needs one entry per resolution {self.resolutions} (image_size / 2 "
                     f"down to latent_size), i.e. {n} entries; got {len(value)}: {value}"
                 )
+        if self.upsample not in ("nearest", "shuffle"):
+            raise ValueError(f"upsample must be 'nearest' or 'shuffle', got {self.upsample!r}")
         if min(self.channels) <= 0 or min(self.encoder_blocks + self.decoder_blocks) < 0:
             raise ValueError(f"channels must be positive and block counts >= 0, got {self}")
 
@@ -140,6 +145,28 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(F.silu(x), scale_factor=2.0, mode="nearest"))
 
 
+class SubpixelUpsample(nn.Module):
+    """SiLU, 3x3 conv to 4x the channels, pixel shuffle: (N, C_in, H, W) -> (N, C_out, 2H, 2W).
+
+    Nearest-neighbour upsampling hands a cell's features to its four children identically, and
+    only the convs after it can tell the children apart. A sprite smaller than a latent cell
+    (Breakout's ball in a 4x4-pixel cell) then tends to come out in two or four of them: a double
+    dot two rows apart. Here every child gets its own output channels, so where inside the cell
+    the sprite sits is decided at once. ICNR initialisation (each child's filters start equal)
+    makes it start out as nearest-neighbour upsampling, without checkerboard artefacts.
+    """
+
+    def __init__(self, c_in: int, c_out: int) -> None:
+        super().__init__()
+        self.conv = conv3x3(c_in, 4 * c_out)
+        with torch.no_grad():
+            base = conv3x3(c_in, c_out).weight  # (C_out, C_in, 3, 3), He init
+            self.conv.weight.copy_(base.repeat_interleave(4, dim=0))  # pixel_shuffle's channel order
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.pixel_shuffle(self.conv(F.silu(x)), 2)
+
+
 class Encoder(nn.Module):
     """images (N, 3, H, W) in [-1, 1] -> raw latents (N, c, h, w).
 
@@ -182,7 +209,8 @@ class Decoder(nn.Module):
         for i in reversed(range(cfg.num_resolutions)):
             layers += [ResBlock(ch[i]) for _ in range(blocks[i])]
             if i > 0:
-                layers.append(Upsample(ch[i], ch[i - 1]))
+                up = SubpixelUpsample if cfg.upsample == "shuffle" else Upsample
+                layers.append(up(ch[i], ch[i - 1]))
         self.layers = nn.Sequential(*layers)
         self.conv_out = conv3x3(ch[0], 3 * 4)
 
@@ -346,7 +374,7 @@ TOKENIZER_SIZES: dict[str, TokenizerConfig] = {
     # latent covers 4x4 pixels, so a 1-2 pixel sprite such as Breakout's ball lands in one latent
     # instead of smearing across a 16x16-pixel token; with the DiT's patch 2 a frame is 64 tokens.
     "fine": TokenizerConfig(latent_size=16, latent_channels=4, channels=(32, 64),
-                            encoder_blocks=(1, 1), decoder_blocks=(1, 1)),
+                            encoder_blocks=(1, 1), decoder_blocks=(1, 1), upsample="shuffle"),
 }
 
 
