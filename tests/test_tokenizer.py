@@ -201,3 +201,25 @@ def test_config_validation_and_registry() -> None:
         tok.encode(torch.zeros(64, 64, 3))
     with pytest.raises(ValueError, match=r"\(\.\.\., h, w, c\)"):
         tok.decode(torch.zeros(2, 8, 8, 4))
+
+
+def test_subpixel_upsampling_starts_as_nearest_and_old_configs_keep_nearest():
+    import torch.nn.functional as F
+
+    from worldmodel.tokenizer import SubpixelUpsample, Upsample
+
+    up = SubpixelUpsample(8, 4)
+    x = torch.randn(2, 8, 5, 5)
+    # ICNR: every child of a cell starts with the same filters, i.e. conv then nearest x2
+    same = F.interpolate(F.conv2d(F.silu(x), up.conv.weight[::4], up.conv.bias[::4], padding=1),
+                         scale_factor=2.0, mode="nearest")
+    assert torch.allclose(up(x), same, atol=1e-6)
+    fine = Tokenizer(tokenizer_config("fine"))
+    assert any(isinstance(m, SubpixelUpsample) for m in fine.decoder.modules())
+    frames = torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8)
+    assert fine.encode(frames).shape == (2, 16, 16, 4) and fine.decode(fine.encode(frames)).shape == frames.shape
+    # a config written before the option existed (no "upsample" key) builds the nearest decoder
+    old = {k: v for k, v in vars(tokenizer_config("small")).items() if k != "upsample"}
+    assert any(isinstance(m, Upsample) for m in Tokenizer(TokenizerConfig(**old)).decoder.modules())
+    with pytest.raises(ValueError, match="upsample"):
+        TokenizerConfig(upsample="bilinear")
