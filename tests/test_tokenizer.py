@@ -217,7 +217,7 @@ def test_subpixel_upsampling_starts_as_nearest_and_old_configs_keep_nearest():
     fine = Tokenizer(tokenizer_config("fine"))
     assert any(isinstance(m, SubpixelUpsample) for m in fine.decoder.modules())
     frames = torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8)
-    assert fine.encode(frames).shape == (2, 16, 16, 4) and fine.decode(fine.encode(frames)).shape == frames.shape
+    assert fine.encode(frames).shape == (2, 16, 16, 8) and fine.decode(fine.encode(frames)).shape == frames.shape
     # a config written before the option existed (no "upsample" key) builds the nearest decoder
     old = {k: v for k, v in vars(tokenizer_config("small")).items() if k != "upsample"}
     assert any(isinstance(m, Upsample) for m in Tokenizer(TokenizerConfig(**old)).decoder.modules())

@@ -370,10 +370,12 @@ TOKENIZER_SIZES: dict[str, TokenizerConfig] = {
     # 57 k parameters: tests and smoke runs (learns a 2x2 sprite on a few frames in 200 steps).
     "tiny": TokenizerConfig(channels=(16, 16, 32), encoder_blocks=(0, 0, 1), decoder_blocks=(0, 0, 1)),
     "small": TokenizerConfig(),  # the default, timed above
-    # 16x16x4 latents (same numbers per frame as small's 8x8x8, four times the positions): each
-    # latent covers 4x4 pixels, so a 1-2 pixel sprite such as Breakout's ball lands in one latent
-    # instead of smearing across a 16x16-pixel token; with the DiT's patch 2 a frame is 64 tokens.
-    "fine": TokenizerConfig(latent_size=16, latent_channels=4, channels=(32, 64),
+    # 16x16x8 latents: each latent covers 4x4 pixels, so a 1-2 pixel sprite such as Breakout's
+    # ball lands in one latent instead of one 8x8-pixel cell. Measured on Breakout (real frames
+    # through the tokenizer, ball shown as one ball; real play 0.82): 4 channels with nearest
+    # upsampling 0.39 after 7.6k steps, 4 channels with sub-pixel upsampling 0.53 and 8 channels
+    # 0.74 after 2.5k steps each.
+    "fine": TokenizerConfig(latent_size=16, latent_channels=8, channels=(32, 64),
                             encoder_blocks=(1, 1), decoder_blocks=(1, 1), upsample="shuffle"),
 }
 
