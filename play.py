@@ -32,6 +32,7 @@ from envs.play.recording import SessionRecorder  # noqa: E402
 from envs.play.video import VideoWriter  # noqa: E402
 from envs.play.window import FrameWindow, display_available  # noqa: E402
 from envs.world_model_env import WorldModelEnv  # noqa: E402
+from worldmodel.threads import choose_threads  # noqa: E402
 from record.controllers import Controller  # noqa: E402
 
 # play.py's own keys (pygame key names); they never reach the world's keymap
@@ -53,6 +54,7 @@ class Session:
                  fps: float, seed: int | None = None, record_dir: str | Path = "recordings",
                  video_path: str | Path | None = None, switch_to: Controller | None = None) -> None:
         self.env, self.window, self.controller, self.held, self.fps = env, window, controller, held, fps
+        self.threads = f"threads {torch.get_num_threads()}"  # main() puts the chosen count and why here
         self.other = switch_to  # the controller M swaps in
         self.names = env.action_names
         self.hud, self.stats = Hud(), FrameStats()
@@ -135,7 +137,8 @@ class Session:
         lines = [f"{self.env.world_name}  frame {self.frame_index}  {' '.join(flags)}",
                  f"{self.stats.fps:5.1f} FPS  latency {self.stats.latency_ms:5.1f} ms",
                  f"action {action} ({self.controller.name})  steps {self.env.steps}  "
-                 f"reward {self.total_reward:+g}"]
+                 f"reward {self.total_reward:+g}",
+                 self.threads]
         if self.notice and time.monotonic() < self.notice_until:
             lines.append(self.notice)
         return lines
@@ -252,7 +255,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", help="write the dream to this mp4 from the start")
     p.add_argument("--record-dir", default="recordings", help="where C writes dataset episodes")
     p.add_argument("--scale", type=int, help="window zoom (default: about 512 pixels tall)")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int,
+                   help="torch CPU threads (default: chosen by timing a few frames at 1 and all cores)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the engine's hot path (faster frames after a 20-45 s start)")
     p.add_argument("--separate-refresh", action="store_true",
@@ -288,6 +292,13 @@ def main(argv: list[str] | None = None) -> int:
         env = WorldModelEnv(checkpoint=args.checkpoint, world=args.world, steps=args.steps, horizon=None,
                             context=args.context, compile=args.compile or None,
                             fuse_refresh=False if args.separate_refresh else None)
+        if args.threads:
+            threads = f"threads {args.threads} (--threads)"
+        else:  # a second thread gives little at this size, and beside a busy process it costs a lot
+            t0 = time.perf_counter()
+            choice = choose_threads(env.runtime.engine.time_frames)
+            threads = choice.label()
+            print(f"play.py: {threads}, chosen in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
         loaded_at = time.perf_counter()  # start-up measured from here: the model is in memory
         held = HeldKeys(ignore=UI_KEYS)
         controller = make_controller(args.policy, env.keymap, held, args.seed)
@@ -299,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     fps = args.fps if args.fps is not None else (0.0 if args.headless else env.metadata["render_fps"])
     window = FrameWindow(env.observation_space.shape, args.scale, f"world: {env.world_name}")
     session = Session(env, window, controller, held, fps, args.seed, args.record_dir, args.out, human)
+    session.threads = threads
     if not args.headless:
         controls = __doc__.split("Controls")[1]
         print(f"world {env.world_name}: actions and keys\n{env.keymap.help()}\nControls{controls}")

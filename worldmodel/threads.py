@@ -51,6 +51,6 @@ def choose_threads(time_frames, counts: list[int] | None = None, min_gain: float
     pick = min(n for n in counts if ms[n] <= best * min_gain)
     torch.set_num_threads(pick)
     more = max(counts)
-    reason = (f"auto: {more} threads were {ms[pick] / ms[more]:.2f}x as fast" if pick < more
+    reason = (f"auto: {more} threads only {ms[pick] / ms[more]:.2f}x as fast" if pick < more
               else f"auto: {pick} threads were {ms[min(counts)] / ms[pick]:.2f}x faster than 1")
     return ThreadChoice(pick, ms, reason)
