@@ -86,8 +86,8 @@ class Rope3D(torch.nn.Module):
         self.register_buffer("sign", sign, persistent=False)
         self._memo: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def _space_tables(self, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(frames * P, D) fp32 tables rotating the spatial dims only (time dims: cos 1, sin 0),
+    def space_tables(self, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tables for ``rotate``: (frames * P, D) fp32, rotating the spatial dims only (time dims: cos 1, sin 0),
         memoised per frame count (they never change)."""
         key = ("space", frames, self.space_cos.device)
         if key not in self._memo:
@@ -106,10 +106,6 @@ class Rope3D(torch.nn.Module):
         cos = self.time_cos[positions].repeat_interleave(tokens_per_frame, dim=d)
         sin = self.time_sin[positions].repeat_interleave(tokens_per_frame, dim=d)
         return cos, sin * self.sign[:self.dims[0]]
-
-    def space_tables(self, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tables for ``rotate`` that rotate only the spatial dims of ``frames`` frames' tokens."""
-        return self._space_tables(frames)
 
     def time_tables(self, positions: torch.Tensor, tokens_per_frame: int
                     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,7 +126,7 @@ class Rope3D(torch.nn.Module):
         """Tables for ``rotate`` that rotate time and space: frame ``positions`` (..., F) of whole
         frames of ``tokens_per_frame`` tokens -> (..., F * P, D) cos and signed sin."""
         cos, sin = self._time_rows(positions, tokens_per_frame)
-        scos, ssin = self._space_tables(positions.shape[-1])
+        scos, ssin = self.space_tables(positions.shape[-1])
         t = self.dims[0]
         scos, ssin = scos[:, t:].expand(*cos.shape[:-1], -1), ssin[:, t:].expand(*sin.shape[:-1], -1)
         return torch.cat([cos, scos], -1), torch.cat([sin, ssin], -1)

@@ -32,6 +32,7 @@ import torch
 from envs.breakout import BreakoutScreen
 from record.controllers import Controller, RandomController
 from record.tracker import BallTracker
+from worldmodel.reward import REWARD_VALUES
 
 EDGE_MARGIN = 4.0        # pixels (at 64x64; scaled with the frame): a flight ending this near the field's top or
                          # bottom may have left for real; the ball moves up to ~3 px a frame at 64x64
@@ -150,7 +151,7 @@ def reward_events(world, latents: np.ndarray, actions: np.ndarray) -> int | None
         for lat, act in zip(latents, actions):
             x = torch.from_numpy(lat).float()
             r, _ = heads(x[:-1], x[1:], torch.from_numpy(act[1:]))
-            total += int((r.argmax(-1) == 2).sum())  # classes: negative, zero, positive
+            total += int((r.argmax(-1) == REWARD_VALUES.index(1.0)).sum())
     return total
 
 
