@@ -17,10 +17,11 @@ import numpy as np
 from envs.keymaps import Keymap
 from envs.play.window import FrameWindow
 from envs.world_model_vector_env import WorldModelVectorEnv
-from envs.world_runtime import DEFAULT_HORIZON, InvalidWorldAction, WorldRuntime
+from envs.world_runtime import DEFAULT_HORIZON, InvalidWorldAction, WorldResetNeeded, WorldRuntime
 from envs.worlds import default_world_path
 
-__all__ = ["WorldModelEnv", "WorldModelVectorEnv", "InvalidWorldAction", "default_world_path"]
+__all__ = ["WorldModelEnv", "WorldModelVectorEnv", "InvalidWorldAction", "WorldResetNeeded",
+           "default_world_path"]
 
 
 class WorldModelEnv(gym.Env):
@@ -52,15 +53,18 @@ class WorldModelEnv(gym.Env):
 
     ## Arguments
     ``gym.make("WorldModel-v0", checkpoint=None, world=None, steps=None, horizon=1000,
-    context="real", context_length=None, render_mode=None, timing_in_info=True, **engine)``:
+    context="real", context_length=None, render_mode=None, timing_in_info=False, **engine)``:
     ``checkpoint`` a world file (default: the shipped default world, ``default_world_path()``);
     ``world`` a shipped world's name instead; ``steps`` denoising steps per frame (1, 2 or 4);
     ``horizon`` None for no truncation; ``engine`` other EngineConfig fields (device, dtype, ...).
 
     Info: ``step`` (frames since reset), ``steps`` (denoising steps of this frame) and, with
-    ``timing_in_info``, ``latency_ms`` (model time of this frame). Wall-clock times differ between
-    two identical rollouts, so pass ``timing_in_info=False`` to ``gymnasium.utils.env_checker``
-    (its determinism check compares infos); observations and rewards repeat exactly per seed.
+    ``timing_in_info=True``, ``latency_ms`` (model time of this frame). Timing is opt-in: wall-clock
+    times differ between two identical rollouts, and Gymnasium's env checker (its determinism check
+    compares infos) must pass on the default env; ``env.unwrapped.runtime.latency_ms`` reads the
+    last frame's time without it. Observations, rewards and infos repeat exactly per seed.
+
+    Calling ``step`` before the first ``reset`` raises ``gymnasium.error.ResetNeeded``.
 
     ## Seeding
     ``reset(seed=s)`` seeds ``np_random``; the context choice and the engine's noise are drawn
@@ -72,7 +76,7 @@ class WorldModelEnv(gym.Env):
     def __init__(self, checkpoint: str | Path | None = None, world: str | None = None,
                  steps: int | None = None, horizon: int | None = DEFAULT_HORIZON,
                  context: str | Path | None = "real", context_length: int | None = None,
-                 render_mode: str | None = None, timing_in_info: bool = True, **engine: Any) -> None:
+                 render_mode: str | None = None, timing_in_info: bool = False, **engine: Any) -> None:
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode {render_mode!r} is not one of {self.metadata['render_modes']}")
         if horizon is not None and horizon < 1:

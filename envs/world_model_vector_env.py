@@ -32,8 +32,9 @@ class WorldModelVectorEnv(gym.vector.VectorEnv):
     context_length, render_mode, timing_in_info, engine overrides) plus ``num_envs``.
 
     Info (arrays of shape (num_envs,), each with Gymnasium's ``_key`` mask): ``step`` (frames
-    since the world's reset) and, with ``timing_in_info``, ``latency_ms`` (model time of the
-    whole batched step, the same for every world).
+    since the world's reset) and, with ``timing_in_info=True`` (off by default: times differ
+    between identical rollouts), ``latency_ms`` (model time of the whole batched step, the same
+    for every world). ``step`` before the first ``reset`` raises ``gymnasium.error.ResetNeeded``.
 
     Seeding: ``reset(seed=s)`` seeds one generator for the batch; contexts and engine noise are
     drawn from it, so the same seed and actions give the same frames in every world.
@@ -45,7 +46,7 @@ class WorldModelVectorEnv(gym.vector.VectorEnv):
     def __init__(self, num_envs: int = 1, checkpoint: str | Path | None = None, world: str | None = None,
                  steps: int | None = None, horizon: int | None = DEFAULT_HORIZON,
                  context: str | Path | None = "real", context_length: int | None = None,
-                 render_mode: str | None = None, timing_in_info: bool = True,
+                 render_mode: str | None = None, timing_in_info: bool = False,
                  max_episode_steps: int | None = None, **engine: Any) -> None:
         if num_envs < 1:
             raise ValueError(f"num_envs must be >= 1, got {num_envs}")

@@ -30,6 +30,12 @@ class InvalidWorldAction(gym.error.InvalidAction, ValueError):
     """An action id outside the world's action space (also a ValueError, for plain callers)."""
 
 
+class WorldResetNeeded(gym.error.ResetNeeded, RuntimeError):
+    """step() (or a partial reset) before the first full reset(): the engine has no frames yet.
+    Gymnasium's OrderEnforcing wrapper says the same for ``gym.make`` envs; the unwrapped env and
+    the vector env have no such wrapper, so they check it here (also a RuntimeError)."""
+
+
 class WorldRuntime:
     """A loaded world, its engine and its context source. See the module docstring.
 
@@ -66,6 +72,9 @@ class WorldRuntime:
             self.action_names, self.frame_shape, context_length)
         self.frames = np.zeros((batch, *self.frame_shape), np.uint8)  # current frame of each world
         self._warned_no_reward = False
+        # Before the first full reset the engine holds no context: a step would dream from
+        # nothing (and, with no latents to score, claim the world has no reward heads).
+        self.started = False
 
     # ---- what the world is -------------------------------------------------------------------
     @property
@@ -119,6 +128,9 @@ class WorldRuntime:
         given the same history.
         """
         everyone = rows is None
+        if not everyone and not self.started:
+            raise WorldResetNeeded("cannot reset some worlds (reset_mask) before the first reset(): call "
+                                   "env.reset(seed=...) without reset_mask first")
         rows = list(range(self.batch)) if everyone else list(rows)
         if clip is None:
             clip = self.context.sample(rng, len(rows))
@@ -140,10 +152,14 @@ class WorldRuntime:
                 frames, actions = full_f, full_a
             out = self.engine.reset(frames, actions, seed=seed, worlds=worlds)
         self.frames[rows] = out[rows]
+        self.started = True
         return self.frames[rows].copy()
 
     def step(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """One batched engine step: frames (B, H, W, 3), rewards (B,) float, terminated (B,) bool."""
+        if not self.started:
+            raise WorldResetNeeded("cannot call env.step() before env.reset(): call env.reset(seed=...) "
+                                   "first; it starts the world from its context frames")
         prev = self.engine.latents.clone() if self.engine.latents is not None else None
         frames = self.engine.step(actions)
         self.frames[:] = frames

@@ -3,6 +3,7 @@
 import gymnasium as gym
 import numpy as np
 import pytest
+from gymnasium.utils.env_checker import check_env
 
 import envs  # noqa: F401  (registers WorldModel-v0)
 from envs.worlds import DEFAULT_WORLD, shipped_worlds, world_path
@@ -28,3 +29,7 @@ def test_shipped_world_is_complete_and_plays(name: str) -> None:
     frames = [obs] + [env.step(a % env.action_space.n)[0] for a in range(6)]
     assert all(f.shape == (64, 64, 3) and f.dtype == np.uint8 for f in frames)
     assert np.abs(frames[-1].astype(int) - frames[0].astype(int)).mean() < 60  # no blow-up in 6 frames
+
+
+def test_default_world_passes_the_env_checker_with_default_arguments() -> None:
+    check_env(gym.make("WorldModel-v0").unwrapped)

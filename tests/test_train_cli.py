@@ -44,12 +44,36 @@ def test_data_dir_shorthand(tmp_path: Path) -> None:
     (["stage=tokenizer", "data=synthetic", "init_from=no/such/export"], "no/such/export, which does not exist"),
     (["stage=tokenizer", "data=synthetic", "stepz=3"], "bad override"),
     (["stage=tokenizer", "steps"], "arguments must be key=value"),
+    (["stage=tokenizer", "data=synthetic", "steps=0"], "steps=0 must be at least 1"),
+    (["stage=tokenizer", "data=synthetic", "steps=-1"], "steps=-1 must be at least 1"),
+    (["stage=tokenizer", "data=synthetic", "steps=abc"], "steps=abc is not a whole number"),
+    (["stage=all", "data=synthetic", "stage.steps.dmd=0"], "steps=0 must be at least 1"),
+    (["stage=tokenizer", "data=synthetic", "ckpt_minutes=-1"], "ckpt_minutes=-1.0 must be 0 or more"),
+    (["stage=tokenizer", "data=synthetic", "dtype=f16"], "dtype=f16 is not one of"),
+    (["stage=tokenizer", "data=synthetic", "device=gpu"], "device=gpu is not a device"),
 ])
 def test_bad_input_gets_one_clear_message(argv: list[str], message: str, tmp_path: Path, capsys) -> None:
     assert main([*argv, f"runs_root={tmp_path}"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err
     assert "Traceback" not in err
+
+
+def test_bad_loop_values_stop_before_any_work(tmp_path: Path, capsys) -> None:
+    # steps=0 used to exit 0 with an untrained export
+    assert main(["stage=tokenizer", "data=synthetic", f"run_dir={tmp_path / 'run'}", "steps=0"]) == 2
+    assert "pass e.g. steps=1000" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_cuda_on_a_machine_without_it(tmp_path: Path, capsys, monkeypatch) -> None:
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for device in ("cuda", "cuda:1"):
+        assert main(["stage=tokenizer", "data=synthetic", f"runs_root={tmp_path}", f"device={device}"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: device={device} but this machine has no usable CUDA GPU")
+        assert "device=cpu" in err and len(err.strip().splitlines()) == 1
 
 
 def test_cli_subprocess_exit_code_without_traceback(tmp_path: Path) -> None:
@@ -60,6 +84,13 @@ def test_cli_subprocess_exit_code_without_traceback(tmp_path: Path) -> None:
     assert out.returncode == 2
     assert "unknown stage 'nope'" in out.stderr and "Traceback" not in out.stderr
     assert list(tmp_path.iterdir()) == []  # nothing written to the working directory
+    for bad in ("steps=abc", "device=cuda"):  # a traceback inside tqdm / torch.cuda before
+        out = subprocess.run([sys.executable, "-m", "train", "stage=tokenizer", "data=synthetic", bad,
+                              f"runs_root={tmp_path}"], capture_output=True, text=True, cwd=tmp_path,
+                             timeout=120, env={**os.environ, "CUDA_VISIBLE_DEVICES": "",
+                                               "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+        assert out.returncode == 2 and out.stderr.startswith(f"error: {bad}"), out.stderr
+        assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
 
 
 def test_cli_sigterm_checkpoints_exports_and_exits_143(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 from omegaconf import OmegaConf
 
+from train import UsageError
 from train.app import compose_config
 from train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from train.ema import EMA
@@ -316,3 +317,72 @@ def test_max_minutes_stops_exports_and_resumes(tmp_path: Path) -> None:
     assert load_checkpoint(latest_checkpoint(tmp_path / "run"))["step"] == 6
     total = json.loads((tmp_path / "run" / "export" / "wallclock.json").read_text())
     assert total["steps"] == 6 and total["seconds"] > first["seconds"]  # summed over both calls
+
+
+# ----- checkpoints by time, damaged checkpoints ---------------------------------------------------
+
+
+def test_checkpoint_by_time_before_ckpt_every(tmp_path: Path) -> None:
+    # ckpt_every is never reached before the kill: only the clock can save the work
+    with pytest.raises(Crash):
+        train(toy_cfg(tmp_path / "timed", "steps=12", "ckpt_every=500", "ckpt_minutes=1e-9", crash_at=4))
+    assert load_checkpoint(latest_checkpoint(tmp_path / "timed"))["step"] == 4
+    with pytest.raises(Crash):  # a threshold not yet reached writes nothing
+        train(toy_cfg(tmp_path / "untimed", "steps=12", "ckpt_every=500", "ckpt_minutes=60", crash_at=4))
+    assert latest_checkpoint(tmp_path / "untimed") is None
+    train(toy_cfg(tmp_path / "timed", "steps=12", "ckpt_every=500"))  # resumes from step 4
+    assert [s for s, n in Toy.last.calls if n == "critic"] == list(range(4, 12))
+
+
+def test_checkpoint_clock_restarts_after_each_checkpoint(tmp_path: Path, monkeypatch) -> None:
+    import train.loop as loop
+    now = [0.0]  # one minute per step, as the loop reads the clock
+    real = loop.time.perf_counter
+
+    class Clock:
+        @staticmethod
+        def perf_counter() -> float:
+            return now[0]
+
+        time = staticmethod(loop.time.time)
+
+    def tick(*args, **kwargs):
+        now[0] += 60.0
+        return real()
+
+    monkeypatch.setattr(loop, "time", Clock)
+    monkeypatch.setattr(Toy, "updates", lambda self, step: (tick(), ["critic"])[1])
+    train(toy_cfg(tmp_path / "run", "steps=7", "ckpt_every=500", "ckpt_minutes=2.5", "keep_ckpts=0"))
+    # due after 3 minutes without one (steps 3 and 6), and the last step always
+    assert [load_checkpoint(p)["step"] for p in list_checkpoints(tmp_path / "run")] == [3, 6, 7]
+
+
+def test_truncated_latest_checkpoint_falls_back_to_the_older_one(tmp_path: Path, capsys) -> None:
+    common = ("steps=12", "ckpt_every=4", "keep_ckpts=3")
+    train(toy_cfg(tmp_path / "whole", *common))
+    with pytest.raises(Crash):
+        train(toy_cfg(tmp_path / "run", *common, crash_at=10))
+    newest = latest_checkpoint(tmp_path / "run")
+    assert newest.name == "step_00000008.pt"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    capsys.readouterr()
+    train(toy_cfg(tmp_path / "run", *common))
+    err = "".join(capsys.readouterr())
+    assert f"warning: checkpoint {newest} is unreadable" in err
+    assert "from the newest readable checkpoint, step_00000004.pt (step 4)" in err
+    assert [s for s, n in Toy.last.calls if n == "critic"] == list(range(4, 12))
+    assert (newest.parent / "step_00000008.pt.damaged").exists()  # kept, no longer in the way
+    a = load_checkpoint(latest_checkpoint(tmp_path / "whole"))
+    b = load_checkpoint(latest_checkpoint(tmp_path / "run"))
+    for key in ("step", "networks", "optimizers", "ema", "counts", "rng", "data", "scalers"):
+        assert_same(a[key], b[key], key)
+
+
+def test_no_readable_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
+    train(toy_cfg(tmp_path / "run", "steps=4", "ckpt_every=2"))
+    for path in list_checkpoints(tmp_path / "run"):
+        path.write_bytes(b"not a checkpoint")
+    with pytest.raises(UsageError, match=r"no readable checkpoint in .*step_00000002\.pt, step_00000004\.pt"
+                                         r".*run_dir="):
+        train(toy_cfg(tmp_path / "run", "steps=6"))
+    assert len(list_checkpoints(tmp_path / "run")) == 2  # nothing renamed or deleted

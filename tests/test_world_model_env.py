@@ -44,14 +44,43 @@ def rollout(env, seed, actions):
     return np.stack(out)
 
 
-def test_check_env_passes(ckpt):
-    env = gym.make("WorldModel-v0", checkpoint=ckpt, timing_in_info=False)
+def test_check_env_passes_with_default_arguments(ckpt):
+    # no timing_in_info argument: the checker's determinism check compares infos, and wall-clock
+    # latencies differ between two identical rollouts
+    env = gym.make("WorldModel-v0", checkpoint=ckpt)
     check_env(env.unwrapped)
     env.close()
 
 
+def test_timing_is_opt_in(ckpt):
+    env = WorldModelEnv(checkpoint=ckpt, steps=1)
+    env.reset(seed=0)
+    assert "latency_ms" not in env.step(0)[4] and env.runtime.latency_ms > 0
+    vec = WorldModelVectorEnv(num_envs=2, checkpoint=ckpt, steps=1)
+    vec.reset(seed=0)
+    assert "latency_ms" not in vec.step(np.array([0, 1]))[4]
+
+
+def test_step_before_reset_is_a_clear_error(ckpt, bare_ckpt):
+    for path in (bare_ckpt, ckpt):  # bare: it used to run and warn about missing reward heads
+        env = gym.make("WorldModel-v0", checkpoint=path, steps=1)
+        with pytest.raises(gym.error.ResetNeeded, match="reset"):  # gymnasium's own wrapper
+            env.step(0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no "no reward heads" warning on the way
+            with pytest.raises(gym.error.ResetNeeded, match=r"before env\.reset\(\)"):
+                env.unwrapped.step(0)
+            vec = WorldModelVectorEnv(num_envs=2, checkpoint=path, steps=1)
+            with pytest.raises(gym.error.ResetNeeded, match=r"before env\.reset\(\)"):
+                vec.step(np.array([0, 1]))
+            with pytest.raises(gym.error.ResetNeeded, match="without reset_mask"):
+                vec.reset(options={"reset_mask": np.array([True, False])})
+    env.unwrapped.reset(seed=0)  # and once reset, it steps
+    assert env.unwrapped.step(0)[0].shape == (32, 32, 3)
+
+
 def test_spaces_info_and_render(ckpt):
-    env = gym.make("WorldModel-v0", checkpoint=ckpt, steps=1, render_mode="rgb_array")
+    env = gym.make("WorldModel-v0", checkpoint=ckpt, steps=1, render_mode="rgb_array", timing_in_info=True)
     assert env.observation_space == gym.spaces.Box(0, 255, (32, 32, 3), np.uint8)
     assert env.action_space == gym.spaces.Discrete(4)
     obs, info = env.reset(seed=0)
@@ -149,7 +178,7 @@ def test_shipped_world_by_name(tmp_path, monkeypatch, ckpt):
 def test_make_vec_steps_and_autoresets_next_step(ckpt):
     b, horizon = 4, 3
     vec = gym.make_vec("WorldModel-v0", num_envs=b, vectorization_mode="vector_entry_point",
-                       checkpoint=ckpt, horizon=horizon, steps=1)
+                       checkpoint=ckpt, horizon=horizon, steps=1, timing_in_info=True)
     assert isinstance(vec, WorldModelVectorEnv)
     assert vec.metadata["autoreset_mode"] == AutoresetMode.NEXT_STEP
     assert vec.observation_space.shape == (b, 32, 32, 3) and vec.action_space.shape == (b,)

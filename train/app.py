@@ -20,7 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 from record.reader import DatasetError
 from train import UsageError
 from train.interrupt import Stopped
-from train.loop import train
+from train.loop import loop_config, train
 from train.pipeline import run_pipeline, split_stage_options
 from worldmodel.checkpoint import CheckpointError
 
@@ -30,7 +30,8 @@ USAGE = """usage: python -m train stage=<stage> data=<dataset dir | synthetic> m
   data    a directory written by `python -m record`, or one of: {data}
   model   one of: {models}
   common overrides: steps=<n> run_dir=<dir> runs_root=<dir> init_from=<export dir> device=cpu|cuda
-                    dtype=auto|bf16|fp32 grad_accum=<n> ckpt_every=<n> eval_every=<n> seed=<n>
+                    dtype=auto|bf16|fp32 grad_accum=<n> ckpt_every=<n> ckpt_minutes=<m> eval_every=<n>
+                    seed=<n> (a checkpoint every ckpt_every steps and at least every ckpt_minutes)
                     max_minutes=<m> (checkpoint + export after m minutes; rerun to go on)
   stage=all: stage.steps.<stage>=<n> sets one stage's length, <stage>.<key>=<v> one stage's option
              (e.g. dmd.ema_start=50 causal_ode.trajectories=256)
@@ -87,8 +88,10 @@ def main(argv: list[str] | None = None) -> int:
         if show:
             print(OmegaConf.to_yaml(cfg, resolve=True))
             return 0
+        loop_config(cfg)  # steps=0, steps=abc, device=cuda without a GPU: say so before any work
         if cfg.stage.name == "all":
-            world = run_pipeline(argv, cfg, lambda o: train(compose_config(o)), own, compose_config)
+            world = run_pipeline(argv, cfg, lambda o: train(compose_config(o)), own,
+                                 lambda o: loop_config(compose_config(o)))
             if world is not None:
                 print(f"done: {world}")
             return 0

@@ -16,13 +16,17 @@ Layout of `<run_dir>/checkpoints/step_<N>.pt` (torch.save of plain containers an
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from train import UsageError
 
 _NAME = re.compile(r"^step_(\d+)\.pt$")
 
@@ -65,6 +69,42 @@ def save_checkpoint(state: dict[str, Any], run_dir: Path, keep: int) -> Path:
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+DAMAGED = ".damaged"  # suffix an unreadable checkpoint is renamed to: kept, but no longer resumed from
+
+
+def load_newest_readable(run_dir: Path) -> tuple[Path | None, dict[str, Any] | None, list[tuple[Path, str]]]:
+    """The newest checkpoint that loads, its state, and the newer ones that did not, each with why
+    (newest first). Writes are atomic, but a file can still be cut short by a full disk, a copy,
+    or a failing drive; an older checkpoint beside it is still worth resuming from.
+    (None, None, []) when there is no checkpoint; UsageError when none of them is readable."""
+    bad: list[tuple[Path, str]] = []
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            state = load_checkpoint(path)
+            if not isinstance(state, dict) or "step" not in state:
+                raise ValueError("not a training checkpoint: no 'step' in it")
+            return path, state, bad
+        except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
+            # torch's weights-only message advises weights_only=False, which is not the fix here
+            why = "not a torch checkpoint" if isinstance(e, pickle.UnpicklingError) else \
+                (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            bad.append((path, f"truncated or damaged: {why}"))
+    if bad:
+        raise UsageError(
+            f"no readable checkpoint in {checkpoint_dir(run_dir)}: {', '.join(p.name for p, _ in bad[::-1])} "
+            f"cannot be read ({bad[0][1]}); to start over from step 0 move them out of that folder, or "
+            "pass a new run_dir=")
+    return None, None, bad
+
+
+def set_aside(path: Path) -> Path:
+    """Rename an unreadable checkpoint to <name>.damaged (not deleted: nothing is lost) so that
+    later resumes and the keep-the-newest-K pruning stop counting it."""
+    target = path.with_name(path.name + DAMAGED)
+    os.replace(path, target)
+    return target
 
 
 # ----- RNG state ----------------------------------------------------------------------------

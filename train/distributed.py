@@ -20,6 +20,8 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from train import UsageError
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -34,8 +36,31 @@ class Dist:
         return self.world_size > 1
 
 
+def check_device(device: str) -> None:
+    """Raise UsageError unless ``device`` ("auto", "cpu", "cuda[:i]") names a device this machine
+    has: torch's own failures for a missing GPU are an AttributeError (CPU builds) or a CUDA error
+    deep inside the first step, which say nothing about the `device=` setting."""
+    if device == "auto":
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UsageError(f"device={device} is not a device: pass device=auto, cpu, cuda or cuda:<i>") from None
+    if dev.type == "cpu":
+        return
+    if dev.type != "cuda":
+        raise UsageError(f"device={device}: training runs on cpu or cuda; pass device=auto, cpu, cuda or cuda:<i>")
+    if not torch.cuda.is_available():
+        raise UsageError(f"device={device} but this machine has no usable CUDA GPU (torch.cuda.is_available() "
+                         "is False): pass device=cpu, or device=auto to use a GPU only where there is one")
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UsageError(f"device={device} but this machine has {torch.cuda.device_count()} GPU(s), "
+                         f"cuda:0..cuda:{torch.cuda.device_count() - 1}: pass one of those or device=cuda")
+
+
 def init_distributed(device: str) -> tuple[Dist, torch.device]:
     """Join the process group if launched by torchrun; pick the device ("auto", "cpu", "cuda[:i]")."""
+    check_device(device)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if device == "auto":

@@ -31,9 +31,9 @@ from torch.distributed.fsdp import FSDPModule
 from tqdm import tqdm
 
 from train import UsageError
-from train.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from train.checkpoint import load_newest_readable, rng_state, save_checkpoint, set_aside, set_rng_state
 from train.data import build_data, clip_batches
-from train.distributed import (all_gather_object, barrier, full_state_dict, gather_full,
+from train.distributed import (all_gather_object, barrier, check_device, full_state_dict, gather_full,
                                init_distributed, load_like, mean_over_ranks, no_sync, pick_dtype, wrap)
 from train.ema import EMA, WARMED_UP
 from train.interrupt import Stopped, StopRequest
@@ -57,12 +57,55 @@ class LoopConfig:
     find_unused_parameters: bool = False  # DDP: for networks that leave some parameters unused
     grad_accum: int = 1           # micro-batches per update
     ckpt_every: int = 500
+    ckpt_minutes: float = 5.0     # also checkpoint when this long has passed since the last one
+    #                               (0 = by steps only): a killed run loses at most this much work
     keep_ckpts: int = 3
     log_every: int = 10
     eval_every: int = 0           # 0 = no periodic evaluation
     progress: bool = True         # progress bar on rank 0
     max_minutes: float = 0.0      # > 0: stop (checkpoint + export) after this long in this call;
     #                               rerunning the same command resumes towards `steps`
+
+
+# The smallest value each numeric knob may take (what the loop needs to make sense of it).
+_MINIMUM = {"steps": 1, "grad_accum": 1, "ckpt_every": 1, "log_every": 1, "keep_ckpts": 0,
+            "eval_every": 0, "max_minutes": 0, "ckpt_minutes": 0}
+_CHOICES = {"dtype": ("auto", "bf16", "fp16", "fp32"), "parallel": ("ddp", "fsdp")}
+
+
+def loop_config(cfg: DictConfig) -> LoopConfig:
+    """The loop's knobs from the config, checked: hydra passes `steps=abc` through as a string
+    and `steps=0` as a number, and either would otherwise fail deep inside the loop (or export an
+    untrained model). Raises UsageError naming the key and a valid value."""
+    values = {}
+    for f in fields(LoopConfig):
+        if f.name not in cfg:
+            continue
+        v, kind = cfg[f.name], f.type
+        example = f"{f.name}={f.default}"
+        if kind == "int":
+            if isinstance(v, float) and v.is_integer():
+                v = int(v)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise UsageError(f"{f.name}={v} is not a whole number: pass e.g. {example}")
+        elif kind == "float":
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise UsageError(f"{f.name}={v} is not a number: pass e.g. {example}")
+            v = float(v)
+        elif kind == "bool" and not isinstance(v, bool):
+            raise UsageError(f"{f.name}={v} is not true or false: pass {f.name}=true or {f.name}=false")
+        elif kind == "str":
+            v = str(v)
+            if f.name in _CHOICES and v not in _CHOICES[f.name]:
+                raise UsageError(f"{f.name}={v} is not one of {'|'.join(_CHOICES[f.name])}: pass e.g. {example}")
+        low = _MINIMUM.get(f.name)
+        if low is not None and v < low:
+            what = "at least 1" if low == 1 else "0 or more"
+            raise UsageError(f"{f.name}={v} must be {what}: pass e.g. {example}")
+        values[f.name] = v
+    lc = LoopConfig(**values)
+    check_device(lc.device)
+    return lc
 
 
 def train(cfg: DictConfig) -> Path:
@@ -74,7 +117,7 @@ def train(cfg: DictConfig) -> Path:
 
 
 def _train(cfg: DictConfig, stop: StopRequest) -> Path:
-    lc = LoopConfig(**{f.name: cfg[f.name] for f in fields(LoopConfig) if f.name in cfg})
+    lc = loop_config(cfg)
     d, device = init_distributed(lc.device)
     dtype = pick_dtype(lc.dtype, device)
     run_dir = Path(cfg.run_dir)
@@ -118,9 +161,8 @@ def _train(cfg: DictConfig, stop: StopRequest) -> Path:
 
     # ----- resume -----
     start, wall_before = 0, 0.0
-    ckpt_path = latest_checkpoint(run_dir)
+    ckpt_path, ck, unreadable = load_newest_readable(run_dir)
     if ckpt_path is not None:
-        ck = load_checkpoint(ckpt_path)
         start = ck["step"]
         wall_before = float(ck.get("wall_seconds", 0.0))
         for name, net in nets.items():
@@ -143,18 +185,26 @@ def _train(cfg: DictConfig, stop: StopRequest) -> Path:
             if d.rank == 0:
                 tqdm.write(f"warning: checkpoint written by {len(ck['rng'])} processes, resuming on "
                            f"{d.world_size}: weights continue exactly, data order and noise do not")
+        barrier(d)  # every rank has read its checkpoint before rank 0 renames damaged ones
         if d.rank == 0:
-            tqdm.write(f"resuming {run_dir} from {ckpt_path.name} (step {start})")
+            for path, why in unreadable:
+                tqdm.write(f"warning: checkpoint {path} is unreadable ({why}); kept as "
+                           f"{set_aside(path).name}")
+            older = "the newest readable checkpoint, " if unreadable else ""
+            tqdm.write(f"resuming {run_dir} from {older}{ckpt_path.name} (step {start})")
     else:
         seed_everything(lc.seed + d.rank)  # ranks draw different noise from here on
     if d.rank == 0:
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     log = MetricsLog(run_dir / "metrics.jsonl", resume_step=start if ckpt_path else None) if d.rank == 0 else None
 
+    trained = {"seconds": wall_before}  # loop time up to the newest checkpoint, summed over calls
+
     def checkpoint(step: int) -> None:
+        trained["seconds"] = wall_before + time.perf_counter() - t_start
         state = {
             "step": step,
-            "wall_seconds": wall_before + time.perf_counter() - t_start,
+            "wall_seconds": trained["seconds"],
             "networks": {k: full_state_dict(v) for k, v in nets.items()},
             "optimizers": {k: optimizer_state(o, nets, specs[k]) for k, o in optims.items()},
             "scalers": {k: s.state_dict() for k, s in scalers.items()},
@@ -177,6 +227,7 @@ def _train(cfg: DictConfig, stop: StopRequest) -> Path:
     n_logs: dict[str, int] = defaultdict(int)
     samples, busy = 0, 0.0  # since the last log line; busy excludes evaluation and checkpoints
     t_start = time.perf_counter()
+    last_ckpt = t_start  # when the newest checkpoint was written (resume: as good as now)
     done, signalled = start, False
     for step in range(start, lc.steps):
         t_step = time.perf_counter()
@@ -232,13 +283,18 @@ def _train(cfg: DictConfig, stop: StopRequest) -> Path:
         # or any rank was sent a signal (torchrun forwards SIGTERM to every worker). The all-reduce
         # waits for the device, so without a deadline ranks compare notes only at log steps (which
         # sync anyway): a signal is then honoured within log_every steps.
-        flags = [float(lc.max_minutes > 0 and time.perf_counter() - t_start > 60 * lc.max_minutes),
-                 float(stop.signum is not None)]
+        # The checkpoint clock is agreed on the same way (a checkpoint is collective): under
+        # several processes a time checkpoint comes within log_every steps of being due.
+        now = time.perf_counter()
+        flags = [float(lc.max_minutes > 0 and now - t_start > 60 * lc.max_minutes),
+                 float(stop.signum is not None),
+                 float(lc.ckpt_minutes > 0 and now - last_ckpt >= 60 * lc.ckpt_minutes)]
         if d.enabled and (lc.max_minutes > 0 or done % lc.log_every == 0 or done == lc.steps):
             flags = (mean_over_ranks(torch.tensor(flags, device=device), d) > 0).tolist()
         elif d.enabled:
-            flags = [0.0, 0.0]  # every rank skips the same steps, so all keep going together
+            flags = [0.0, 0.0, 0.0]  # every rank skips the same steps, so all keep going together
         signalled = bool(flags[1])
+        ckpt_due = bool(flags[2])
         time_up = bool(flags[0]) or signalled
         last_step = done == lc.steps or time_up
 
@@ -270,8 +326,9 @@ def _train(cfg: DictConfig, stop: StopRequest) -> Path:
             if log is not None and metrics:
                 log.write({"step": done, **{f"eval/{k}": float(v) for k, v in metrics.items()}})
                 bar.write(f"step {done}: " + ", ".join(f"{k} {float(v):.4g}" for k, v in metrics.items()))
-        if done % lc.ckpt_every == 0 or last_step:
+        if done % lc.ckpt_every == 0 or last_step or ckpt_due:
             checkpoint(done)
+            last_ckpt = time.perf_counter()
         if time_up:
             why = "stop requested" if signalled else f"max_minutes={lc.max_minutes:g} reached"
             bar.write(f"{why} at step {done}/{lc.steps}: exporting; rerun the same command to go on")
@@ -286,7 +343,7 @@ def _train(cfg: DictConfig, stop: StopRequest) -> Path:
         final[name] = gather_full(ema[2].shadow) if started else full_state_dict(net)
     if d.rank == 0:
         export(objective, final, eval_batches(), run_dir, cfg,
-               {"steps": done, "of": lc.steps, "seconds": wall_before + time.perf_counter() - t_start})
+               {"steps": done, "of": lc.steps, "seconds": trained["seconds"]})  # the same clock as the resume
         plot_metrics(log.read(), run_dir / "metrics.png")
     barrier(d)
     if signalled:  # any rank's signal stops every rank
