@@ -65,8 +65,46 @@ def test_truncated_file(tmp_path):
 def test_wrong_kind(tmp_path):
     path = tmp_path / "other.safetensors"
     save_file({"x": torch.zeros(3)}, str(path))
-    with pytest.raises(CheckpointError, match="not a world checkpoint"):
+    with pytest.raises(CheckpointError, match="not a world checkpoint") as err:
         read_config(path)
+    assert "python -m train.assemble" in str(err.value)  # the tool that makes worlds, which exists
+    assert "train export" not in str(err.value)
+
+
+def _flip_a_weight_byte(path) -> None:
+    """Flip one byte inside the DiT's tensors: the file still parses, the weights are wrong."""
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        offsets = json.loads(path.read_bytes()[8:8 + int.from_bytes(path.read_bytes()[:8], "little")])
+        name = next(k for k in f.keys() if k.startswith("dit.") and f.get_tensor(k).numel() > 16)
+    start = 8 + int.from_bytes(path.read_bytes()[:8], "little") + offsets[name]["data_offsets"][0]
+    data = bytearray(path.read_bytes())
+    data[start + 5] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_flipped_bytes_are_refused_unless_told(tmp_path):
+    path = tmp_path / "w.safetensors"
+    world = make_tiny_world()
+    save_world(path, world, dtype=None)
+    _flip_a_weight_byte(path)
+    with pytest.raises(CheckpointError, match="damaged: its tensors do not match the sha256"):
+        load_world(path)
+    loaded = load_world(path, verify=False)  # the opt-out loads the damaged weights as they are
+    differs = [n for n, t in loaded.dit.state_dict().items() if not torch.equal(t, world.dit.state_dict()[n])]
+    assert len(differs) == 1
+
+
+def test_world_without_a_digest_still_loads(tmp_path):
+    # files written before the digest existed: no check, no error
+    path = tmp_path / "w.safetensors"
+    save_world(path, make_tiny_world())
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    del meta["sha256"]
+    save_file(tensors, str(path), metadata=meta)
+    assert load_world(path).action_names == make_tiny_world().action_names
 
 
 def test_config_weights_mismatch(tmp_path):

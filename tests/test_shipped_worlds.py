@@ -3,6 +3,7 @@
 import gymnasium as gym
 import numpy as np
 import pytest
+from safetensors import safe_open
 from gymnasium.utils.env_checker import check_env
 
 import envs  # noqa: F401  (registers WorldModel-v0)
@@ -21,6 +22,8 @@ def test_shipped_world_is_complete_and_plays(name: str) -> None:
     path = world_path(name)
     assert path.stat().st_size <= MAX_BYTES
     world = load_world(path)
+    with safe_open(str(path), framework="pt") as f:
+        assert "sha256" in f.metadata()  # load_world checked it: shipped bytes are protected
     assert world.reward is not None and world.info["name"] == name and world.info["keymap"]
     assert world.context_frames is not None and len(world.context_frames) >= 24
     assert (world.context_actions < 0).sum() >= 2  # several real clips to start from
