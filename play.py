@@ -15,6 +15,7 @@ Headless (no window, same loop): ``python play.py --headless --frames 300 --poli
 from __future__ import annotations
 
 import argparse
+import secrets
 import os
 import sys
 import time
@@ -24,6 +25,7 @@ os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")  # before pygame is imp
 
 import pygame  # noqa: E402
 import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 from envs.play.controllers import HeldKeys, KeyboardController, make_controller  # noqa: E402
 from envs.play.hud import FrameStats, Hud  # noqa: E402
@@ -32,6 +34,7 @@ from envs.play.recording import SessionRecorder  # noqa: E402
 from envs.play.video import VideoWriter  # noqa: E402
 from envs.play.window import FrameWindow, display_available  # noqa: E402
 from envs.world_model_env import WorldModelEnv  # noqa: E402
+from envs.worlds import DEFAULT_WORLD  # noqa: E402
 from worldmodel.threads import choose_threads  # noqa: E402
 from record.controllers import Controller  # noqa: E402
 
@@ -77,10 +80,17 @@ class Session:
         self.context_shown_at = time.perf_counter()
 
     # ---- the loop ------------------------------------------------------------------------------
-    def run(self, frames: int | None = None) -> None:
-        """Iterate until Esc / window closed / replay finished, or ``frames`` frames were made."""
-        while self.running and (frames is None or len(self.actions) < frames):
-            self.iterate()
+    def run(self, frames: int | None = None, progress: bool = False) -> None:
+        """Iterate until Esc / window closed / replay finished, or ``frames`` frames were made;
+        ``progress``: a progress bar on stderr (headless runs show nothing else while they go)."""
+        bar = tqdm(total=frames, unit="frame", disable=not progress, file=sys.stderr, leave=False)
+        try:
+            while self.running and (frames is None or len(self.actions) < frames):
+                done = len(self.actions)
+                self.iterate()
+                bar.update(len(self.actions) - done)
+        finally:
+            bar.close()
 
     def iterate(self) -> None:
         for event in pygame.event.get():
@@ -263,6 +273,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="never fuse the cache refresh into the next frame's first model call (slower; "
                         "for comparison)")
     args = p.parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        p.error(f"--threads must be at least 1, got {args.threads} (omit it to choose by timing)")
+    if args.seed is not None and not 0 <= args.seed < 2**32:
+        p.error(f"--seed must be between 0 and 2**32 - 1, got {args.seed}")
     if args.frames is not None and args.frames < 1:
         p.error("--frames must be at least 1")
     if args.fps is not None and args.fps < 0:
@@ -288,6 +302,10 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["SDL_VIDEODRIVER"] = "dummy"  # SDL's in-memory screen: the same blit/flip path
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.seed is None:  # drawn here, printed below: it seeds the dream and the agent's keys alike
+        args.seed = secrets.randbelow(2**31)
+    which = args.checkpoint or f"world {args.world or DEFAULT_WORLD}"
+    print(f"play.py: loading {which} ...", file=sys.stderr, flush=True)  # takes seconds on a CPU
     try:
         env = WorldModelEnv(checkpoint=args.checkpoint, world=args.world, steps=args.steps, horizon=None,
                             context=args.context, compile=args.compile or None,
@@ -311,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
     window = FrameWindow(env.observation_space.shape, args.scale, f"world: {env.world_name}")
     session = Session(env, window, controller, held, fps, args.seed, args.record_dir, args.out, human)
     session.threads = threads
+    # a striking (or broken) dream can be made again only if its seed is known
+    print(f"play.py: seed {args.seed} (--seed {args.seed} repeats this dream)", file=sys.stderr)
     if not args.headless:
         controls = __doc__.split("Controls")[1]
         print(f"world {env.world_name}: actions and keys\n{env.keymap.help()}\nControls{controls}")
@@ -322,7 +342,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.out:
             session.toggle_video()
-        session.run(args.frames if args.frames is not None else (HEADLESS_FRAMES if args.headless else None))
+        session.run(args.frames if args.frames is not None else (HEADLESS_FRAMES if args.headless else None),
+                    progress=args.headless)
     except KeyboardInterrupt:
         code = 130
     except OSError as err:  # --out cannot be written

@@ -185,6 +185,37 @@ def test_bad_flags_and_missing_checkpoint_exit_nonzero_without_traceback(tmp_pat
     assert "does not exist" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--threads", "-3"], "--threads must be at least 1, got -3"),
+    (["--threads", "0"], "--threads must be at least 1, got 0"),
+    (["--seed", "-1"], "--seed must be between 0 and 2**32 - 1, got -1"),
+])
+def test_bad_numbers_name_their_flag(flags, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        play.main(["--headless", *flags])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def _dream(ckpt, tmp_path, name, *seed):
+    out = tmp_path / f"{name}.mp4"
+    assert play.main(["--headless", "--frames", "6", "--policy", "random", "--checkpoint", ckpt,
+                      "--out", str(out), "--steps", "1", "--threads", "1", *seed]) == 0
+    cap = cv2.VideoCapture(str(out))
+    return np.stack([cap.read()[1] for _ in range(6)])
+
+
+def test_headless_prints_the_seed_that_repeats_the_dream(ckpt, tmp_path, capsys):
+    first = _dream(ckpt, tmp_path, "a")  # no --seed: a random one, printed
+    err = capsys.readouterr().err
+    assert "loading" in err  # something is said while the world loads
+    seed = int(err.split("play.py: seed ")[1].split()[0])
+    assert f"--seed {seed} repeats this dream" in err
+    again = _dream(ckpt, tmp_path, "b", "--seed", str(seed))
+    assert np.array_equal(first, again)
+
+
 def test_no_display_points_to_headless(ckpt):
     env = {k: v for k, v in os.environ.items()
            if k not in ("DISPLAY", "WAYLAND_DISPLAY", "SDL_VIDEODRIVER", "XDG_RUNTIME_DIR")}
