@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import secrets
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -224,6 +225,18 @@ def existing_episodes(out: Path, game: str) -> tuple[int, int]:
     return episodes, frames
 
 
+def check_writable(out: Path) -> None:
+    """Make ``out`` and write a probe file in it, here rather than in each worker, so that an
+    unwritable folder is one clear message before any game starts (not a worker's traceback)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        raise ValueError(f"cannot write the dataset to --out {out} ({err.strerror or err}): "
+                         "pass a folder you can write to") from None
+
+
 def collect(cfg: CollectConfig) -> dict[str, Any]:
     """Run a collection (in this process for one worker, else in ``cfg.workers`` processes)."""
     game = get_spec(_replay_source(cfg.replay).meta["game"] if cfg.replay else cfg.env).name
@@ -241,6 +254,7 @@ def collect(cfg: CollectConfig) -> dict[str, Any]:
         env = make_game(game)
         env.close()
         BallTracker(env.action_names, noise=cfg.noise)
+    check_writable(Path(cfg.out))
     n_existing, frames_existing = existing_episodes(Path(cfg.out), game)
     frames = cfg.frames
     if cfg.resume and frames is not None:

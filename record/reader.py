@@ -89,8 +89,9 @@ class Dataset:
     def __post_init__(self) -> None:
         self.root = Path(self.root)
         if not self.root.is_dir():
+            what = "is a file, not a dataset directory" if self.root.exists() else "does not exist"
             raise DatasetError(
-                f"dataset directory {self.root} does not exist: pass the --out directory of a "
+                f"dataset directory {self.root} {what}: pass the --out directory of a "
                 "`python -m record collect` run"
             )
 

@@ -9,6 +9,7 @@ worker also catches the signal itself (Ctrl-C in a terminal reaches the whole pr
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import queue as queue_lib
 import signal
 import time
@@ -66,7 +67,7 @@ def run_workers(
     """Run ``session`` in ``workers`` processes; worker w records episodes n_existing + w + k * workers.
 
     Returns (frames, episodes) recorded by all of them. A worker's exception is re-raised here
-    as a RuntimeError carrying its traceback.
+    as a RuntimeError naming it (with its traceback when RECORD_DEBUG is set).
     """
     ctx = mp.get_context("spawn")  # fresh interpreters: game libraries and fork do not mix well
     messages = ctx.Queue()
@@ -108,8 +109,10 @@ def run_workers(
         if kind == "progress":
             got_frames, got_episodes = got_frames + a, got_episodes + b
             report(a, b)
-    if errors:
-        raise RuntimeError("a worker failed:\n" + errors[0])
+    if errors:  # the exception's own line; the whole traceback only where it helps (RECORD_DEBUG=1)
+        lines = errors[0].strip().splitlines()
+        detail = errors[0] if os.environ.get("RECORD_DEBUG") else lines[-1]
+        raise RuntimeError(f"a recording worker failed: {detail} (RECORD_DEBUG=1 shows its traceback)")
     return got_frames, got_episodes
 
 

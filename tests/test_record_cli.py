@@ -116,11 +116,16 @@ def test_collect_at_a_chosen_size_with_two_workers(tmp_path: Path, capsys) -> No
         (["collect", "--env", "breakout", "--out", "{tmp}"], "needs a budget"),
         (["collect", "--frames", "5", "--out", "{tmp}"], "which game"),
         (["stats", "{tmp}/missing"], "does not exist"),
+        (["stats", "{tmp}/afile"], "is a file, not a dataset directory"),
+        # an --out inside a file cannot be made: one line before any worker starts
+        (["collect", "--env", "breakout", "--frames", "5", "--workers", "2", "--out", "{tmp}/afile/x"],
+         "cannot write the dataset to --out"),
         (["stats", "{tmp}"], "no episodes"),
         (["view", "{tmp}"], "no episodes"),
     ],
 )
 def test_bad_input_gets_one_clear_line(tmp_path: Path, capsys, argv: list[str], message: str) -> None:
+    (tmp_path / "afile").write_text("not a dataset")
     code, _, err = run(capsys, *[a.format(tmp=tmp_path) for a in argv])
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
 
@@ -201,3 +206,19 @@ def test_viewer_steps_through_episodes_headless(tmp_path: Path, capsys) -> None:
     state = view(tmp_path)
     assert (state.episode, state.frame) == (1, 5)
     assert run(capsys, "view", str(tmp_path), "--max-steps", "3")[0] == 0
+
+
+def test_a_failing_worker_is_one_line(monkeypatch) -> None:
+    from record.workers import run_workers
+    from record.workers import Stop
+    with pytest.raises(RuntimeError) as err:
+        run_workers(_failing_session, None, 4, None, 2, 0, 0, Stop(), lambda a, b: None)
+    message = str(err.value)
+    assert message.startswith("a recording worker failed: OSError: disk full") and "Traceback" not in message
+    monkeypatch.setenv("RECORD_DEBUG", "1")
+    with pytest.raises(RuntimeError, match="Traceback"):
+        run_workers(_failing_session, None, 4, None, 2, 0, 0, Stop(), lambda a, b: None)
+
+
+def _failing_session(*args):
+    raise OSError("disk full")
