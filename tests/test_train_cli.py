@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -155,3 +156,16 @@ def test_stage_all_stops_after_a_paused_stage_and_checks_options_first(tmp_path:
         run_pipeline(argv, cfg, fake_stage, {"dmd": ["stage.ema_strat=5"]}, compose_config)
     assert ran == []
     assert main(["stage=all", "data=synthetic", f"runs_root={tmp_path}", "dmd.ema_strat=5"]) == 2
+
+
+def test_help_lists_every_option_of_a_stage(capsys) -> None:
+    from train.loop import LoopConfig
+    from train.objectives import get_objective
+    assert main(["--help", "stage=dmd"]) == 0
+    out = capsys.readouterr().out
+    for f in fields(get_objective("dmd").Config):
+        assert f"  stage.{f.name}=" in out, f.name
+    for f in fields(LoopConfig):
+        assert f"  {f.name}=" in out, f.name
+    assert "stage.lr_critic=2e-06" in out and "stage.clean_context=False  scores see context" in out
+    assert main(["--help", "stage=nope"]) == 2 and "nope" in capsys.readouterr().err

@@ -20,7 +20,9 @@ from omegaconf.errors import OmegaConfBaseException
 from record.reader import DatasetError
 from train import UsageError
 from train.interrupt import Stopped
-from train.loop import loop_config, train
+from train.help import describe
+from train.loop import LoopConfig, loop_config, train
+from train.objectives import get_objective
 from train.pipeline import run_pipeline, split_stage_options
 from worldmodel.checkpoint import CheckpointError
 
@@ -70,11 +72,31 @@ def compose_config(overrides: list[str]) -> DictConfig:
         raise UsageError(f"bad override in {overrides}: {e}") from None
 
 
+def print_help(argv: list[str]) -> int:
+    """The usage, the loop's options and, with stage=<name>, every option of that stage."""
+    print(USAGE.format(stages=options("stage"), data=options("data"), models=options("model")))
+    print("\nloop options (top-level keys; defaults from the code, a stage's yaml may set others):")
+    print(describe(LoopConfig))
+    stage = next((a.partition("=")[2] for a in argv if a.startswith("stage=")), None)
+    if stage is None or stage == "all":
+        print("\n`python -m train --help stage=<stage>` lists that stage's options (stage.<key>=<v>); "
+              "`python -m train stage=<stage> ... --cfg` prints the composed config a run would use")
+        return 0
+    try:
+        cls = get_objective(stage).Config
+    except (ValueError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"\nstage={stage} options (stage.<key>=<v>; defaults from the code, "
+          f"train/configs/stage/{stage}.yaml may set others):")
+    print(describe(cls, "stage."))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in argv):
-        print(USAGE.format(stages=options("stage"), data=options("data"), models=options("model")))
-        return 0
+        return print_help([a for a in argv if a not in ("-h", "--help")])
     show = "--cfg" in argv
     argv = [a for a in argv if a != "--cfg"]
     try:
