@@ -37,7 +37,7 @@ from train.distributed import (all_gather_object, barrier, check_device, full_st
                                init_distributed, load_like, mean_over_ranks, no_sync, pick_dtype, wrap)
 from train.ema import EMA, WARMED_UP
 from train.interrupt import Stopped, StopRequest
-from train.metrics import MetricsLog, plot_metrics
+from train.metrics_log import MetricsLog, plot_metrics
 from train.objectives import EMASpec, Objective, OptimSpec, TrainContext, get_objective
 
 WALLCLOCK = "wallclock.json"  # in each export: {"steps": N, "of": target steps, "seconds": S}
