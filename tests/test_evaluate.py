@@ -20,7 +20,7 @@ from train.eval import report
 from train.eval.reference import Reference
 from train.eval.score import drift, drift_contexts, fidelity, other_clips, shuffle_in_time, world_contexts
 from train.eval.split import Clips, anchors, held_out_count, split_ids
-from train.evaluate import main as evaluate_main
+from train.eval.run import main as evaluate_main
 from worldmodel.checkpoint import save_world
 
 
@@ -317,8 +317,10 @@ def test_bad_input_one_line_no_traceback(tiny: Path, args: list[str], message: s
     assert err.startswith("error: ") and message in err and "Traceback" not in err
 
 
-def test_cli_entry_point_exit_code(tiny: Path) -> None:
-    r = subprocess.run([sys.executable, "-m", "train.evaluate", f"checkpoint={tiny / 'nope.safetensors'}",
+@pytest.mark.parametrize("module", ["train.eval", "train.evaluate"])  # the old spelling still works
+def test_cli_entry_point_exit_code(tiny: Path, module: str) -> None:
+    r = subprocess.run([sys.executable, "-m", module, f"checkpoint={tiny / 'nope.safetensors'}",
                         f"data={tiny / 'data'}"], capture_output=True, text=True, timeout=120,
                        cwd=Path(__file__).resolve().parents[1])
     assert r.returncode == 2 and "Traceback" not in r.stderr and "does not exist" in r.stderr
+    assert ("is now `python -m train.eval`" in r.stderr) == (module == "train.evaluate")

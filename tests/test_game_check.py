@@ -153,7 +153,7 @@ def test_evaluate_reports_the_game_check(tmp_path) -> None:
 
     from conftest import make_tiny_world
     from record.collect import CollectConfig, collect
-    from train.evaluate import main as evaluate_main
+    from train.eval.run import main as evaluate_main
     from worldmodel.checkpoint import save_world
 
     collect(CollectConfig(env="breakout", controller="tracker", out=tmp_path / "data", frames=300, seed=0,

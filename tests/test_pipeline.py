@@ -16,7 +16,7 @@ from train.app import main as train_main
 from train.assemble import CONTEXT_CLIP_LEN
 from train.assemble import main as assemble_main
 from train.eval.split import split_dirs
-from train.evaluate import main as evaluate_main
+from train.eval.run import main as evaluate_main
 from worldmodel.checkpoint import load_world
 
 

@@ -116,7 +116,7 @@ def assemble_world(dmd_export: Path, out: Path, data: str | Path | None = None,
     world.info = {**world.info, **dataset_info(data),
                   "name": name or (Path(data).name if data else "synthetic")}
     wallclock = Path(dmd_export) / WALLCLOCK
-    if wallclock.is_file():   # the stage's own cost travels with the file, for `train.evaluate`'s table
+    if wallclock.is_file():   # the stage's own cost travels with the file, for `train.eval`'s table
         world.info["stage_wallclock"] = json.loads(wallclock.read_text())
     if timings:
         world.info["pipeline_seconds"] = timings

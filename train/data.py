@@ -51,7 +51,7 @@ class DataConfig:
     latents: bool = False             # serve tokenizer latents (cached on disk) instead of frames
     tokenizer: str | None = None      # the tokenizer stage's export dir (when latents=True)
     cache_dir: str | None = None      # latent cache root; default: <run_dir>/../latent_cache
-    hold_out: bool = True             # skip the episodes `train.evaluate` holds out (train/eval/split.py)
+    hold_out: bool = True             # skip the episodes `train.eval` holds out (train/eval/split.py)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 

@@ -1,4 +1,4 @@
-"""Evaluation of world checkpoints on held-out recorded episodes (`python -m train.evaluate`).
+"""Evaluation of world checkpoints on held-out recorded episodes (`python -m train.eval`).
 
     split.py      the held-out split and the real clips scored
     metrics.py    PSNR, SSIM, dynamic-region PSNR, frame statistics
