@@ -1,9 +1,9 @@
 """The world model as a Gymnasium environment: ``gymnasium.make("WorldModel-v0", checkpoint=...)``.
 
-Each ``step`` is one frame of the engine (DESIGN.md §3): the action id conditions the next frame,
-the checkpoint's reward heads score the transition. ``WorldModelVectorEnv`` (defined in
-envs/world_model_vector_env.py, importable from here: the registered ``vector_entry_point``) steps
-B worlds in one batched forward.
+Each ``step`` is one frame of the engine (``Engine.step``, see docs/design.md, "Inference"): the
+action id conditions the next frame, the checkpoint's reward heads score the transition.
+``WorldModelVectorEnv`` (defined in envs/world_model_vector_env.py, importable from here: the
+registered ``vector_entry_point``) steps B worlds in one batched forward.
 """
 
 from __future__ import annotations

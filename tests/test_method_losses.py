@@ -152,6 +152,20 @@ def test_cd_loss_on_a_hand_computed_interior_pair(tmp_path, monkeypatch):
     assert all(torch.equal(c["clean"], x0) for c in obj.student.calls + obj.target.calls + obj.teacher.calls)
 
 
+def test_cd_target_updates_count_optimizer_steps_in_the_loop(tmp_path):
+    from train.app import main as train_main
+    from train.checkpoint import latest_checkpoint, load_checkpoint
+    runs = tmp_path / "runs"
+    common = ["data=synthetic", "model=tiny", f"runs_root={runs}", "progress=false", "device=cpu",
+              "data.synthetic.episodes=4", "data.synthetic.episode_len=24", "data.batch_size=2"]
+    assert train_main(["stage=tokenizer", "steps=1", *common]) == 0
+    assert train_main(["stage=teacher", "steps=1", "stage.num_actions=4", *common]) == 0
+    assert train_main(["stage=ar", "steps=1", "stage.num_actions=4", *common]) == 0
+    assert train_main(["stage=causal_cd", "steps=3", "grad_accum=2", *common]) == 0
+    ck = load_checkpoint(latest_checkpoint(runs / "causal_cd"))
+    assert ck["objective"]["calls"] == 3 and ck["counts"]["student"] == 3  # not 6 loss calls
+
+
 def test_cd_terminal_pair_target_is_the_teachers_step_to_zero(tmp_path, monkeypatch):
     """Pair n = 3: (sigma_t, sigma_s) = (.25, 0); the target is the Euler endpoint, no EMA call.
 
@@ -179,14 +193,16 @@ def test_cd_pairs_are_adjacent_grid_points(tmp_path):
 
 
 def test_cd_target_is_an_ema_of_the_student(tmp_path, monkeypatch):
-    """update_target: target <- mu target + (1 - mu) student, from the second call on; the
+    """after_update: target <- mu target + (1 - mu) student, once per optimizer step; the loss
+    leaves it alone (it used to move it on every call, i.e. per accumulation micro-step), and the
     student is not touched (a reversed lerp would move the student onto the target)."""
     obj = cd_objective(tmp_path, ema_decay=0.9)
-    run_cd(obj, monkeypatch, n=1)
-    assert obj.target.theta.item() == 2.0 and obj.student.theta.item() == 1.0  # first call: as built
-    run_cd(obj, monkeypatch, n=1)
+    for _ in range(3):  # three accumulation micro-steps
+        run_cd(obj, monkeypatch, n=1)
+    assert obj.target.theta.item() == 2.0 and obj.student.theta.item() == 1.0
+    obj.after_update("student")
     torch.testing.assert_close(obj.target.theta.detach(), torch.tensor(0.9 * 2.0 + 0.1 * 1.0))
-    assert obj.student.theta.item() == 1.0
+    assert obj.student.theta.item() == 1.0 and obj.state_dict() == {"calls": 1}
     assert obj.export_weights({"student": "S", "target": "T"}) == "T"  # the stage ships the EMA
 
 

@@ -2,7 +2,8 @@
 
 Every function takes tensors and callables and returns tensors, so each can be checked on toy
 inputs (tests/test_distill.py). Shapes: latents (B, F, h, w, c); noise levels (B, F) fp32.
-Equation numbers refer to ``reference/causal-forcing.md`` of the project's design notes.
+The step numbers of causal CD refer to the numbered list in docs/design.md, "Causal consistency
+distillation"; the DMD parts are described in its "DMD with self-rollout".
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x, sigma) 
 
 def teacher_cfg_euler_step(v_cond: VelocityFn, v_uncond: VelocityFn, x_t: torch.Tensor,
                            sigma_t: torch.Tensor, sigma_s: torch.Tensor, w: float) -> torch.Tensor:
-    """One Euler step of the guided teacher ODE from sigma_t to sigma_s (§6.2 steps 3-4).
+    """One Euler step of the guided teacher ODE from sigma_t to sigma_s (causal CD steps 3-4).
 
     v_cfg = v_u + w (v_c - v_u) (standard form); x_s = x_t + (sigma_s - sigma_t) v_cfg.
     """
@@ -28,7 +29,7 @@ def teacher_cfg_euler_step(v_cond: VelocityFn, v_uncond: VelocityFn, x_t: torch.
 
 
 def consistency_target(target_v: VelocityFn, x_s: torch.Tensor, sigma_s: torch.Tensor) -> torch.Tensor:
-    """The EMA network's x0 at the later time, f_target(x_s, s) = x_s - sigma_s v (§6.2 step 6).
+    """The EMA network's x0 at the later time, f_target(x_s, s) = x_s - sigma_s v (causal CD step 6).
 
     Where sigma_s = 0 (the terminal pair) the boundary condition f(x, 0) = x gives x_s itself,
     without a network call for those rows.
@@ -41,25 +42,27 @@ def consistency_target(target_v: VelocityFn, x_s: torch.Tensor, sigma_s: torch.T
 
 
 def consistency_loss(student_x0: torch.Tensor, target_x0: torch.Tensor) -> torch.Tensor:
-    """Plain MSE in x0 space over (B, F, C, H, W), no weighting (§6.2 step 7)."""
+    """Plain MSE in x0 space over (B, F, C, H, W), no weighting (causal CD step 7)."""
     return (student_x0.float() - target_x0.detach().float()).pow(2).mean()
 
 
 def ode_regression_loss(student_x0: torch.Tensor, ode_endpoint: torch.Tensor) -> torch.Tensor:
-    """Causal ODE: regress the x0 prediction onto the stored ODE ENDPOINT, not the next state (§5.2)."""
+    """Causal ODE: regress the x0 prediction onto the stored ODE ENDPOINT, not the next state."""
     return (student_x0.float() - ode_endpoint.float()).pow(2).mean()
 
 
 def dmd_noise_level(batch: int, shift: float, device: torch.device | str,
                     low: float = 0.02, high: float = 0.98) -> torch.Tensor:
-    """sigma = shift(U) clamped to [low, high], one per sample (§7.3), shape (B, 1)."""
+    """sigma = shift(U) clamped to [low, high], one per sample, shape (B, 1).
+
+    The bounds 0.02 / 0.98 are those of Causal Forcing's DMD code (timesteps 20..980 of 1000)."""
     u = torch.rand(batch, 1, device=device)
     return diffusion.shift(u, shift).clamp(low, high).float()
 
 
 def dmd_gradient(x_hat: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor,
                  mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Normalised DMD gradient (§7.3): (x0_fake - x0_real) / mean_(F,C,H,W) |x_hat - x0_real|.
+    """Normalised DMD gradient: (x0_fake - x0_real) / mean_(F,C,H,W) |x_hat - x0_real|.
 
     The normaliser is per sample; ``mask`` (B, F) bool restricts both the normaliser and the
     gradient to generated frames (real context frames carry no gradient). nan_to_num as in the
@@ -79,7 +82,7 @@ def dmd_gradient(x_hat: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tens
 
 
 def dmd_loss(x_hat: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """0.5 * mean((x_hat - sg(x_hat - grad))^2) in float64, so d loss / d x_hat = grad / numel (§7.3)."""
+    """0.5 * mean((x_hat - sg(x_hat - grad))^2) in float64, so d loss / d x_hat = grad / numel."""
     x = x_hat.double()
     target = (x - grad.double()).detach()
     return 0.5 * (x - target).pow(2).mean()
@@ -87,7 +90,7 @@ def dmd_loss(x_hat: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
 
 def critic_flow_loss(v_fake: torch.Tensor, eps: torch.Tensor, x_hat: torch.Tensor,
                      mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Critic (fake score) loss, unweighted flow MSE on generated samples (§7.4)."""
+    """Critic (fake score) loss, unweighted flow MSE on generated samples, over ``mask``'s frames."""
     err = (v_fake.float() - (eps - x_hat.detach()).float()).pow(2).mean(dim=(2, 3, 4))  # (B, F)
     if mask is None:
         return err.mean()

@@ -108,6 +108,12 @@ def wrap(net: nn.Module, how: str, device: torch.device, find_unused: bool = Fal
         ids = [device.index] if device.type == "cuda" else None
         return DDP(net, device_ids=ids, find_unused_parameters=find_unused)
     if how == "fsdp":
+        # FSDP shards a parameter's storage as one flat row-major buffer and refuses any other
+        # layout; the tokenizer keeps its conv weights channels-last for oneDNN. Sharded, they
+        # go back to the standard layout (activations stay channels-last).
+        for p in net.parameters():
+            if not p.is_contiguous():
+                p.data = p.data.contiguous()
         fully_shard(net)
         return net
     raise ValueError(f"parallel must be 'ddp' or 'fsdp', got {how!r}")

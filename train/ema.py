@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from torch.distributed.tensor import DTensor
 
 
 WARMED_UP = 10**9  # update count given to EMA states saved before the warm-up existed
@@ -56,9 +57,14 @@ class EMA:
         live = net.state_dict()
         decay = self.current_decay()
         floats = [k for k, v in self.shadow.items() if v.is_floating_point()]
-        # One fused lerp over all tensors: ema + (1 - decay) * (live - ema).
-        torch._foreach_lerp_([self.shadow[k] for k in floats],
-                             [live[k].detach().float() for k in floats], 1.0 - decay)
+        # One fused lerp per kind of tensor: ema + (1 - decay) * (live - ema). Under FSDP the
+        # parameters are sharded DTensors and the buffers plain tensors, which one foreach call
+        # cannot mix.
+        sharded = [k for k in floats if isinstance(self.shadow[k], DTensor)]
+        for group in (sharded, [k for k in floats if k not in set(sharded)]):
+            if group:
+                torch._foreach_lerp_([self.shadow[k] for k in group],
+                                     [live[k].detach().float() for k in group], 1.0 - decay)
         for k, v in self.shadow.items():
             if not v.is_floating_point():
                 v.copy_(live[k])

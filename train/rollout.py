@@ -1,11 +1,15 @@
-"""Self-rollout of the causal generator through its KV cache (reference §7.2), for DMD.
+"""Self-rollout of the causal generator through its KV cache, for DMD (Self Forcing style; see
+docs/design.md, "DMD with self-rollout").
 
-Block by block: fresh noise; the few-step sampler of §2.8 runs WITHOUT grad up to a random exit
-step, the exit step runs WITH grad and its x0 prediction is the block's output (so every step of
-the sampler gets trained); then the block's detached x0 is written into the cache at sigma = 0
-without grad (truncated gradient, no sigma = 0.005 re-noise: §12.8). The noise is drawn in
-exactly the order ``worldmodel.engine.Engine`` draws it, so with the exit at the last step and
-the same generator state the rollout IS the engine's output (tests/test_rollout.py).
+Block by block: fresh noise; the few-step sampler (predict x0, re-noise it to the step list's next
+level, as ``samplers.few_step``) runs WITHOUT grad up to a random exit step, the exit step runs
+WITH grad and its x0 prediction is the block's output (so every step of the sampler gets trained);
+then the block's detached x0 is written into the cache at sigma = 0 without grad (truncated
+gradient: nothing flows into later blocks through the cache; the cached x0 is not re-noised to a
+small level such as sigma = 0.005, and the public Causal Forcing code also caches at zero noise).
+The noise is drawn in exactly the order ``worldmodel.engine.Engine`` draws it, so with the exit at
+the last step and the same generator state the rollout IS the engine's output
+(tests/test_rollout.py).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ mask is the fastest CPU option measured). Both compute the same softmax attentio
 
 Masks are built from two per-token labels: the token's block index (frames are grouped into
 blocks of ``frames_per_block``) and whether it belongs to the noisy stream. One rule covers the
-bidirectional, teacher-forcing and fused-refresh layouts (reference §4.3):
+bidirectional, teacher-forcing and fused-refresh layouts (``block_mask``):
 
 * a query may attend a *clean* key of an *earlier* block;
 * a query may attend any key of its *own* block in its *own* stream.

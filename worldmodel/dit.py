@@ -10,7 +10,8 @@ Layouts (``attention.py`` has the mask rule):
 
 * ``forward(x, sigma, actions)`` — bidirectional over all frames (teacher, critic);
 * ``forward(x, sigma, actions, clean=x0)`` — teacher forcing: [clean copy | noisy copy] with the
-  block-causal mask of reference §4.3, output for the noisy copy only;
+  block-causal mask (a noisy frame sees its own block's noisy tokens and the clean copies of
+  earlier blocks; the clean copy is causal by block), output for the noisy copy only;
 * ``forward_cached(x, sigma, actions, cache)`` — one block against a ``KVCache`` of clean past
   frames; ``refresh(x0, actions, cache)`` writes a block's clean K/V (sigma = 0).
 

@@ -1,6 +1,6 @@
 """The frame-by-frame engine: action in, frame out, over a rolling KV cache of past frames.
 
-One ``step(actions)`` call (DESIGN.md §3): fresh noise for the next frame -> the few-step
+One ``step(actions)`` call (docs/design.md, "Inference"): fresh noise for the next frame -> the few-step
 sampler (1, 2 or 4 model calls against the cache; the 4-step first-frame list when the cache is
 empty) -> decode -> uint8 frame returned at once. The clean-cache refresh of that frame (one more
 call at sigma = 0) is left *pending* and runs at the start of the next step, or earlier when the

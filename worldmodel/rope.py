@@ -1,8 +1,8 @@
 """3-D rotary position embedding (time, row, column) for video tokens.
 
 The head dimension is split into three even parts; each part is rotated by the token's position
-along one axis (RoFormer, Su et al. 2021, applied per axis as in Wan / Causal Forcing, reference
-§1). The spatial rotation of a token never changes, so keys can be stored in the KV cache with it
+along one axis (RoFormer, Su et al. 2021, applied per axis as in Wan / Causal Forcing). The
+spatial rotation of a token never changes, so keys can be stored in the KV cache with it
 already applied; the time rotation is applied at attention time so a rolling cache can re-base
 frame positions to the range the model saw in training (see kv_cache.py).
 

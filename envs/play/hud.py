@@ -1,7 +1,9 @@
 """The heads-up display: frame-rate and latency bookkeeping, and drawing text over the frame.
 
 Latency is what the player feels: the time from reading the key state to the frame being
-flipped on screen (DESIGN.md §3). FPS is measured over the whole loop, waiting included.
+flipped on screen. The previous frame's cache refresh is part of it only when it did not fit in
+the wait for the tick and rides along this frame's first model call (docs/design.md, "Inference").
+FPS is measured over the whole loop, waiting included.
 """
 
 from __future__ import annotations

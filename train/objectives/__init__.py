@@ -88,7 +88,8 @@ class OptimSpec:
     weight_decay: float = 0.0
     grad_clip: float | None = 1.0   # max global grad norm; None = no clipping
     # Skip the whole update (optimizer step, update count, EMA) when the global grad norm, measured
-    # before clipping, is >= this or not finite (HY15's causal-CD guard against spikes); None = never.
+    # before clipping, is >= this or not finite (the guard against spikes of the HunyuanVideo-1.5
+    # port of Causal Forcing++, which skips at 10); None = never.
     skip_grad_norm: float | None = None
     warmup_steps: int = 0
     ema: tuple[EMASpec, ...] = ()
@@ -124,8 +125,9 @@ class TrainContext:
         """A random int64 tensor in [low, high) that is identical on every rank.
 
         Every rank draws (so its RNG stream advances exactly as rank 0's does) and then takes rank
-        0's value: drawing only on rank 0 would fork the streams (reference §10.1). Collective:
-        call it on every rank, in the same order.
+        0's value: drawing only on rank 0 would put its stream ahead of the others' for every later
+        draw (docs/design.md, "Several processes"). Collective: call it on every rank, in the same
+        order.
         """
         x = torch.randint(low, high, size, generator=generator, device=self.device if generator is None
                           else generator.device)
@@ -160,6 +162,10 @@ class Objective:
     def loss(self, name: str, batch: TensorDict, step: int,
              nets: Mapping[str, nn.Module]) -> tuple[torch.Tensor, Logs]:
         raise NotImplementedError
+
+    def after_update(self, name: str) -> None:
+        """Called once after each optimizer step of ``name`` (not per accumulation micro-step,
+        not for a skipped step): for state that must follow the weights, like a target network."""
 
     def evaluate(self, step: int, nets: Mapping[str, nn.Module],
                  batches: Iterator[TensorDict]) -> dict[str, float]:

@@ -83,7 +83,7 @@ def load_dit_weights(dit: DiT, export_dir: Path) -> None:
 def flow_matching_loss(dit: torch.nn.Module, x0: torch.Tensor, actions: torch.Tensor,
                        sigma: torch.Tensor, weighting: str, shift: float,
                        clean: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
-    """Rectified-flow loss, reference §4.5: mean_(B,F) w(sigma) * mean_(h,w,c) (v_hat - (eps - x0))^2.
+    """Rectified-flow loss: mean_(B,F) w(sigma) * mean_(h,w,c) (v_hat - (eps - x0))^2 over noisy frames.
 
     x0 (B, F, h, w, c) clean latents; sigma (B, F) fp32; ``clean`` enables teacher forcing.
     Frames given at sigma = 0 are clean conditioning (the context teacher's leading frames): they

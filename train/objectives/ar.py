@@ -1,8 +1,11 @@
-"""Stage `ar`: the teacher-forcing autoregressive diffusion model (reference §4), init from the teacher.
+"""Stage `ar`: the teacher-forcing autoregressive diffusion model (Causal Forcing's AR teacher), init
+from the teacher.
 
-Sequence [clean copy | noisy copy] under the block-causal teacher-forcing mask (§4.3), an
-independent noise level per block (§4.4; per frame when frame-wise), flow-matching loss on the
-noisy copy (§4.5). Frame-wise (``frames_per_block: 1``) or chunk-wise (k) is a config value.
+Sequence [clean copy | noisy copy] under the block-causal teacher-forcing mask (a noisy block sees
+itself and the clean copies of earlier blocks: worldmodel/attention.py), an independent noise
+level per block (per frame when frame-wise), flow-matching loss on the noisy copy
+(docs/design.md, "Flow-matching stages"). Frame-wise (``frames_per_block: 1``) or chunk-wise (k)
+is a config value.
 The clean stream is exactly what the KV cache holds at inference (tests/test_dit.py checks it).
 """
 

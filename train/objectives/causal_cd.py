@@ -1,4 +1,5 @@
-"""Stage `causal_cd`: causal consistency distillation (Causal Forcing++, reference §6).
+"""Stage `causal_cd`: causal consistency distillation (Causal Forcing++; the step-by-step algorithm
+is in docs/design.md, "Causal consistency distillation").
 
 Student (trainable), EMA target and frozen AR teacher all start from the `ar` export. Per step:
 a pair of adjacent times (t_n, t_{n+1}) on the N-point grid, ONE noise level for every frame of
@@ -6,17 +7,19 @@ a clip; the teacher takes one guided Euler step from t_n to t_{n+1} with ground-
 context (teacher forcing); the student's x0 at t_n is pulled onto the EMA target's x0 at
 t_{n+1}. No trajectories are stored. Frame-wise or chunk-wise follows the DiT's block size.
 
-Choices, with reasons (the reference leaves them open, §11):
-* The terminal pair (sigma_{N-1} -> 0) IS sampled (HY15 style, §12.7): its target is the
+Choices the method leaves open, with reasons ("HY15" is the HunyuanVideo-1.5 port of Causal
+Forcing++ in the minWM repository, "Wan21" its Wan2.1 one):
+* The terminal pair (sigma_{N-1} -> 0) IS sampled (as HY15 does): its target is the
   teacher's own guided x0, which anchors the chain at the data end. Without it the smallest
   trained noise level is shift(1/N) (0.09 for N = 32, s = 3) and nothing ties the student's x0
   there to the teacher except self-consistency.
 * n is drawn per clip, not once per batch as in the original (random.randrange): same
   expectation, lower variance.
-* The EMA target is updated by this objective at the start of each loss call from the student's
-  current weights (= after the previous optimizer step), so the loop stays generic; it is what
-  the stage exports (the original saves only EMA weights after step 200).
-* HY15 skips the optimizer step when the all-reduced grad norm is >= 10 (§6.2); here that is
+* The EMA target follows the student once per optimizer step (the loop's `after_update` hook),
+  not once per loss call: with gradient accumulation a per-call update would decay it mu^k per
+  step, and a skipped step would still move it. It is a plain constant-decay average (no
+  warm-up) and it is what the stage exports (the original saves only EMA weights after step 200).
+* HY15 skips the optimizer step when the all-reduced grad norm is >= 10; here that is
   `skip_grad_norm` (off by default, as in the Wan21 recipe, which only clips).
 """
 
@@ -29,6 +32,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from torch.distributed.tensor import DTensor
 from tensordict import TensorDict
 
 from train.distill import consistency_loss, consistency_target, teacher_cfg_euler_step
@@ -46,7 +50,7 @@ class CausalCDConfig:
     weight_decay: float = 0.01
     grad_clip: float = 10.0
     warmup_steps: int = 0
-    ema_decay: float = 0.995       # target network mu (§12.7)
+    ema_decay: float = 0.995       # target network mu (HY15 uses 0.999, the Wan21 configs 0.99)
     grid_points: int = 32          # N
     terminal_pair: bool = True
     guidance: float = 2.5          # teacher CFG, standard form (1 = off)
@@ -118,12 +122,14 @@ class CausalCDObjective(DistilledStudent):
         return {"student": self.student, "target": self.target, "teacher": self.teacher}
 
     @torch.no_grad()
-    def update_target(self) -> None:
-        """target <- mu * target + (1 - mu) * student (fp32 shadow), skipped on the first call."""
-        if self.calls:
-            mu = self.cfg.ema_decay
-            for t, s in zip(self.target.parameters(), self.student.parameters()):
-                t.lerp_(s.detach().to(t.dtype), 1.0 - mu)
+    def after_update(self, name: str) -> None:
+        """target <- mu * target + (1 - mu) * student, after each optimizer step of the student.
+        Under FSDP the student's parameters are shards (DTensors) and the target a whole copy on
+        every rank: each shard is gathered first (a collective, which every rank runs here)."""
+        mu = self.cfg.ema_decay
+        for t, s in zip(self.target.parameters(), self.student.parameters()):
+            s = s.full_tensor() if isinstance(s, DTensor) else s
+            t.lerp_(s.detach().to(t.dtype), 1.0 - mu)
         self.calls += 1
 
     def sample_pair(self, b: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,7 +141,6 @@ class CausalCDObjective(DistilledStudent):
 
     def loss(self, name: str, batch: TensorDict, step: int,
              nets: Mapping[str, nn.Module]) -> tuple[torch.Tensor, Logs]:
-        self.update_target()
         x0 = batch["latents"].float()
         actions = batch["actions"].long()
         b, f = x0.shape[:2]

@@ -1,9 +1,9 @@
-"""Stage `causal_ode`: causal ODE distillation (Causal Forcing, reference §5), the baseline of CD.
+"""Stage `causal_ode`: causal ODE distillation (Causal Forcing), the baseline of CD.
 
-Trajectory generation (§5.1): for real clips, the AR teacher integrates the guided PF-ODE with
+Trajectory generation: for real clips, the AR teacher integrates the guided PF-ODE with
 N Euler steps from pure noise, every frame at the same noise level, with ground-truth clean
 context (teacher forcing) — so frame i's trajectory is the ODE of p(x_i | real x_<i, actions).
-The states at the 4-step list's times and the endpoint are stored. Regression (§5.2): a stored
+The states at the 4-step list's times and the endpoint are stored. Regression: a stored
 state k ~ U{0..3} at its time, GT context, x0 prediction regressed onto the ODE ENDPOINT.
 
 How the stored data is made here: the first training calls generate trajectories for the clips
@@ -34,7 +34,7 @@ from worldmodel import diffusion, samplers
 @dataclass
 class CausalODEConfig:
     lr: float = 5e-5
-    betas: tuple[float, float] = (0.9, 0.999)   # §5.2 differs from the other stages here
+    betas: tuple[float, float] = (0.9, 0.999)   # Causal Forcing's ODE-regression betas, unlike CD's
     weight_decay: float = 0.01
     grad_clip: float = 10.0
     warmup_steps: int = 0
@@ -43,7 +43,7 @@ class CausalODEConfig:
     trajectories: int = 1024       # clips whose trajectories are stored, per process
     shift: float = diffusion.DEFAULT_SHIFT
     frames_per_block: int = 0
-    skip_grad_norm: float | None = None  # as causal CD's (HY15 guard), off by default
+    skip_grad_norm: float | None = None  # as causal CD's (HunyuanVideo-1.5 port's guard), off by default
     tokenizer: str | None = None
 
 

@@ -1,4 +1,6 @@
-"""Stage `dmd`: asymmetric distribution matching distillation with self-rollout (reference §7).
+"""Stage `dmd`: asymmetric distribution matching distillation with self-rollout, the last stage of
+Causal Forcing: DMD with a bidirectional teacher and a causal student that is rolled out through
+its own cache as in Self Forcing (details in docs/design.md, "DMD with self-rollout").
 
 Generator: the causal few-step student (init from `causal_cd` or `causal_ode`), rolled out
 through its own KV cache (train/rollout.py): frame-wise with the 1- or 2-step list, a block
@@ -10,13 +12,13 @@ bidirectional critic initialised from the teacher. Schedule: the generator updat
 generator from ``ema_start``; the export holds the EMA weights. Chunk-wise 4-step is
 ``steps: 4`` + ``frames_per_block: 3`` of the same code.
 
-World-model adaptation (the original is text-to-video, §7.1): the "prompt" is the clip's
+World-model adaptation (the original is text-to-video): the "prompt" is the clip's
 recorded action sequence; with probability ``context_prob`` the rollout starts from
 ``context_frames`` real frames in the cache (how play starts), otherwise from noise (the
 first-frame list path). Context frames are real: they get no gradient and are excluded from
 the DMD normaliser and the critic loss.
 
-Two variants of ours (not the reference's), for worlds where a clip's motion already reveals its
+Two variants of ours (not Causal Forcing's), for worlds where a clip's motion already reveals its
 actions, so the bidirectional teacher barely uses them (measured on Doom: action gain ~10x below
 the ar model's) and its CFG pushes little toward the pressed keys:
 
@@ -26,7 +28,7 @@ the ar model's) and its CFG pushes little toward the pressed keys:
   A static past makes a static next frame likely under these conditionals, so this variant can
   settle into stillness (measured on Doom: it follows the keys better but freezes over 1,000
   frames);
-* ``real_score: teacher_ar_guidance`` keeps the reference's teacher and critic but takes the
+* ``real_score: teacher_ar_guidance`` keeps Causal Forcing's teacher and critic but takes the
   guidance direction from the ar model: x0_T(c) + g (x0_ar(c) - x0_ar(null)), so the clip-level
   distribution still comes from the bidirectional teacher and the push toward the keys from the
   model that uses them.
@@ -61,7 +63,7 @@ class DMDConfig:
     steps: int = 2                  # denoising steps of the student (1, 2 or 4)
     frames_per_block: int = 1       # 1 frame-wise; 3 = the chunk-wise baseline
     teacher: str | None = None      # bidirectional teacher export (real score, critic init)
-    real_score: str = "teacher"     # "teacher" (reference), "ar" or "teacher_ar_guidance": see above
+    real_score: str = "teacher"     # "teacher" (Causal Forcing), "ar" or "teacher_ar_guidance": see above
     ar: str | None = None           # the ar export, for the two ar variants
     lr_generator: float = 1e-5
     lr_critic: float = 2e-6
@@ -156,7 +158,8 @@ class DMDObjective(Objective):
         x0, actions = batch["latents"].float(), batch["actions"].long()
         b, f = actions.shape
         k = len(self.step_list)
-        # choices shared by every rank (same rollout structure everywhere, §10.1)
+        # choices shared by every rank: each rank must make the same model calls (under FSDP
+        # each call is a collective), see docs/design.md, "Several processes"
         exit_step = int(self.ctx.shared_randint(0, k))
         first_exit = int(self.ctx.shared_randint(0, len(self.first_list)))
         use_ctx = bool(self.ctx.shared_randint(0, 1000) < 1000 * self.cfg.context_prob)

@@ -1,14 +1,16 @@
 """Stage `teacher`: the bidirectional action-conditioned DiT, trained from scratch.
 
-Flow matching over whole clips with ONE noise level per clip (reference §3.1: the teacher
-denoises all frames jointly, so it later serves as DMD's real score and the critic's init), and
-whole-clip action dropout for classifier-free guidance on actions (§12.5). Learning rate and
-betas follow the from-scratch recipe of §12.5, not the 2e-6 fine-tuning rate of the repos.
+Flow matching over whole clips with ONE noise level per clip (the teacher denoises all frames
+jointly, so it later serves as DMD's real score and the critic's init), and whole-clip action
+dropout (the null action) so one network gives both velocities classifier-free guidance on actions
+needs. Learning rate, warm-up and betas are a from-scratch recipe: this teacher starts from random
+weights, whereas the published Causal Forcing recipes fine-tune a pretrained video model at 2e-6.
+See docs/design.md, "Flow-matching stages".
 
 A variant of ours for world models, off by default (``context_frames: 0``): with probability
 ``context_prob`` a clip's first c frames (c uniform in 1..context_frames) are given clean, at
 sigma 0, and only the rest is denoised, as an image-to-video model is conditioned on its first
-frame. The reference's text-to-video teacher has no such frames; a world model always starts
+frame. Causal Forcing's text-to-video teacher has no such frames; a world model always starts
 from real ones (play's context, DMD's context rollouts), and a teacher that cannot see them
 clean scores a clip without knowing the scene at high noise, where the actions decide the most.
 DMD uses this with ``stage.clean_context=true``; the joint evaluation protocol gives such a
@@ -42,7 +44,7 @@ class DiTStageConfig:
     ema_decay: float = 0.999
     ema_start: int = 0
     shift: float = diffusion.DEFAULT_SHIFT
-    loss_weighting: str = "uniform"   # "uniform" (§12.4) or "bump" (the repos' weighting, §2.6)
+    loss_weighting: str = "uniform"   # or "bump" (Wan / Causal Forcing's), which is 0 at sigma = 1
     action_dropout: float = 0.1
     num_actions: int = 0              # 0: from the dataset's action names
     clip_len: int = 8                 # = data.clip_len: the DiT's training clip length
@@ -157,7 +159,7 @@ class TeacherObjective(DiTStage):
         super().__init__(cfg, ctx)
 
     def noise_levels(self, b: int, t: int) -> torch.Tensor:
-        # one sigma per clip: the bidirectional teacher denoises a whole clip jointly (§3.1)
+        # one sigma per clip: the bidirectional teacher denoises a whole clip jointly
         sigma = diffusion.sample_noise_level((b, 1), self.cfg.shift, device=self.ctx.device).expand(b, t)
         if self.cfg.context_frames == 0:
             return sigma
