@@ -137,7 +137,7 @@ class Session:
     def show(self) -> None:
         frames = [self.frame] + ([self.real.frame] if self.real is not None else [])
         self.window.draw(frames)
-        self.hud.draw(self.window.screen, self.hud_lines())
+        self.hud.draw(self.window.screen, self.hud_lines(), self.window.clear_strip())
         self.window.flip()
 
     def hud_lines(self) -> list[str]:
@@ -246,6 +246,9 @@ class Session:
         self.env.close()
 
 
+HUD_LINES = 5  # world/frame/flags, FPS/latency, action/steps/reward, threads, a notice
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -326,7 +329,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"play.py: {err}", file=sys.stderr)
         return 2
     fps = args.fps if args.fps is not None else (0.0 if args.headless else env.metadata["render_fps"])
-    window = FrameWindow(env.observation_space.shape, args.scale, f"world: {env.world_name}")
+    # the HUD goes in a strip below the frame: over the frame it hid Breakout's score and lives
+    window = FrameWindow(env.observation_space.shape, args.scale, f"world: {env.world_name}",
+                         strip=Hud().height(HUD_LINES) + 8)
     session = Session(env, window, controller, held, fps, args.seed, args.record_dir, args.out, human)
     session.threads = threads
     # a striking (or broken) dream can be made again only if its seed is known

@@ -239,3 +239,22 @@ def test_refresh_runs_in_idle_time_only_when_it_fits(ckpt):
     window.close()
     assert play.main(["--headless", "--frames", "3", "--policy", "random", "--checkpoint", ckpt,
                       "--separate-refresh"]) == 0
+
+
+def test_the_hud_sits_below_the_frame_and_covers_none_of_it(ckpt, tmp_path):
+    env = WorldModelEnv(checkpoint=ckpt, steps=1, horizon=None)
+    from envs.play.hud import Hud
+    window = FrameWindow(env.observation_space.shape, title="test", strip=Hud().height(play.HUD_LINES) + 8)
+    held = HeldKeys(ignore=play.UI_KEYS)
+    s = play.Session(env, window, KeyboardController(env.keymap, held), held, fps=0, seed=0,
+                     record_dir=tmp_path / "rec")
+    s.iterate()
+    pw, ph = window.panel_size
+    shown = pygame.surfarray.array3d(window.screen).swapaxes(0, 1)  # (y, x, 3)
+    assert shown.shape[0] > ph  # a strip below the frame
+    # the frame area is exactly the zoomed frame: no text box over the game's score or lives
+    zoomed = np.repeat(np.repeat(s.frame, window.scale, 0), window.scale, 1)
+    assert np.array_equal(shown[:ph, :pw], zoomed)
+    assert shown[ph:].max() > 0  # the HUD's text is in the strip
+    s.close()
+    window.close()

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tests.conftest import make_tiny_world, randomize
-from train.rollout import self_rollout
+from train.self_rollout import self_rollout
 from worldmodel import diffusion
 from worldmodel.dit import DiT
 from worldmodel.engine import Engine, EngineConfig

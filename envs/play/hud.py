@@ -60,14 +60,20 @@ class FrameStats:
 
 
 class Hud:
-    """Lines of text on a translucent box in the top-left corner; toggled by ``visible``."""
+    """Lines of text on a translucent box (play puts it in the strip below the frame); toggled by
+    ``visible``."""
 
     def __init__(self, size: int = 18, visible: bool = True) -> None:
         pygame.font.init()
         self.font = pygame.font.Font(None, size)  # pygame's bundled font: no system fonts needed
         self.visible = visible
 
-    def draw(self, surface: pygame.Surface, lines: list[str]) -> None:
+    def height(self, lines: int) -> int:
+        """Pixels that ``lines`` lines of text take (the window's strip for them)."""
+        return lines * self.font.get_linesize() + 6
+
+    def draw(self, surface: pygame.Surface, lines: list[str], at: tuple[int, int] = (0, 0)) -> None:
+        """The lines in a box whose top-left corner is ``at`` (+4 px)."""
         if not self.visible or not lines:
             return
         rendered = [self.font.render(line, True, (255, 255, 255)) for line in lines]
@@ -75,8 +81,8 @@ class Hud:
         height = sum(r.get_height() for r in rendered) + 6
         box = pygame.Surface((width, height), pygame.SRCALPHA)
         box.fill((0, 0, 0, 150))  # translucent so the frame stays visible behind the text
-        surface.blit(box, (4, 4))
-        y = 7
+        surface.blit(box, (at[0] + 4, at[1] + 4))
+        y = at[1] + 7
         for r in rendered:
-            surface.blit(r, (8, y))
+            surface.blit(r, (at[0] + 8, y))
             y += r.get_height()

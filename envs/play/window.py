@@ -42,16 +42,18 @@ def default_scale(frame_shape: tuple[int, int, int]) -> int:
 
 
 class FrameWindow:
-    """Shows ``panels`` frames of ``frame_shape`` side by side, each zoomed ``scale`` times."""
+    """Shows ``panels`` frames of ``frame_shape`` side by side, each zoomed ``scale`` times, and
+    below them a ``strip`` pixels tall for text (play's HUD), so no text covers the game's own
+    score or lives."""
 
     def __init__(self, frame_shape: tuple[int, int, int], scale: int | None = None, title: str = "world",
-                 panels: int = 1) -> None:
+                 panels: int = 1, strip: int = 0) -> None:
         pygame.display.init()
         pygame.font.init()
         self.height, self.width = frame_shape[:2]
         self.scale = scale or default_scale(frame_shape)
         pygame.display.set_caption(title)
-        self.panels = 0
+        self.panels, self.strip = 0, strip
         self.set_panels(panels)
         self.clock = pygame.time.Clock()
 
@@ -65,7 +67,7 @@ class FrameWindow:
             return
         self.panels = panels
         pw, ph = self.panel_size
-        self.screen = pygame.display.set_mode((pw * panels, ph))
+        self.screen = pygame.display.set_mode((pw * panels, ph + self.strip))
         # frames are blitted into these, then scaled straight into the screen
         self.small = [pygame.Surface((self.width, self.height), 0, self.screen) for _ in range(panels)]
 
@@ -75,6 +77,15 @@ class FrameWindow:
         for i, (frame, small) in enumerate(zip(frames, self.small)):
             pygame.surfarray.blit_array(small, frame.swapaxes(0, 1))  # surfarray is (x, y)
             pygame.transform.scale(small, (pw, ph), self.screen.subsurface((i * pw, 0, pw, ph)))
+
+    def clear_strip(self) -> tuple[int, int]:
+        """Blank the text strip; returns its top-left corner (without a strip: the frame's, where
+        text then overlays the frame)."""
+        pw, ph = self.panel_size
+        if not self.strip:
+            return 0, 0
+        self.screen.fill((0, 0, 0), (0, ph, pw * self.panels, self.strip))
+        return 0, ph
 
     def flip(self) -> None:
         pygame.display.flip()

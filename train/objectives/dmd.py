@@ -3,7 +3,7 @@ Causal Forcing: DMD with a bidirectional teacher and a causal student that is ro
 its own cache as in Self Forcing (details in docs/design.md, "DMD with self-rollout").
 
 Generator: the causal few-step student (init from `causal_cd` or `causal_ode`), rolled out
-through its own KV cache (train/rollout.py): frame-wise with the 1- or 2-step list, a block
+through its own KV cache (train/self_rollout.py): frame-wise with the 1- or 2-step list, a block
 started from noise with the 4-step list, a random exit step shared by the blocks (block 0 has its
 own), gradient only through each block's exit forward. Real score: the frozen BIDIRECTIONAL
 teacher with action CFG in the x0 form (x0_c + g (x0_c - x0_u)). Fake score: a trainable
@@ -54,7 +54,7 @@ from train.distill import critic_flow_loss, dmd_gradient, dmd_loss, dmd_noise_le
 from train.objectives import EMASpec, Logs, Objective, OptimSpec, TrainContext, register
 from train.objectives._dit import StageError, read_export, save_export, tokenizer_dir
 from train.objectives.causal_cd import dit_from_export
-from train.rollout import self_rollout
+from train.self_rollout import self_rollout
 from worldmodel import diffusion
 
 
