@@ -33,6 +33,15 @@ STAGES = [
 ]
 
 
+# Two steps move the (EMA) exports by only ~5e-6, so the default tolerance must be far tighter
+# than that to notice a wrong reduction (a rank drawing other noise moved 10 of ar's 36 tensors
+# past it; a tolerance of 2e-4 passed them all). Measured ddp-vs-fsdp gaps: <= 3e-7, except the
+# causal ODE student: it exports its live weights (no EMA) and Adam's first steps turn
+# reduction-order noise in its zero-initialised head's near-zero gradients into ~5e-5, so there
+# the check is coarse.
+TOLERANCE = {"causal_ode": (1e-4, 1e-3)}
+
+
 def torchrun(*args: str) -> str:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
@@ -66,9 +75,10 @@ def test_every_stage_exports_the_same_under_ddp_and_fsdp(runs: Path, stage: str)
     stage = {"dmd": "dmd_2step_b1"}.get(stage, stage)  # DMD's run dir names its step count and block
     a, b = exported(runs / "ddp" / stage), exported(runs / "fsdp" / stage)
     assert a.keys() == b.keys()
+    atol, rtol = TOLERANCE.get(stage, (1e-6, 1e-4))
     for k in a:
         if a[k].is_floating_point():
-            torch.testing.assert_close(b[k], a[k], atol=2e-4, rtol=1e-3, msg=lambda m: f"{stage} {k}: {m}")
+            torch.testing.assert_close(b[k], a[k], atol=atol, rtol=rtol, msg=lambda m: f"{stage} {k}: {m}")
         else:  # uint8 frames decoded by the two tokenizers: rounding may differ by one level
             assert (b[k].long() - a[k].long()).abs().max() <= 1, k
     for parallel in ("ddp", "fsdp"):  # both ran their two steps
