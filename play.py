@@ -27,16 +27,16 @@ import pygame  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from envs.play.controllers import HeldKeys, KeyboardController, make_controller  # noqa: E402
-from envs.play.hud import FrameStats, Hud  # noqa: E402
-from envs.play.real_game import RealGame  # noqa: E402
-from envs.play.recording import SessionRecorder  # noqa: E402
-from envs.play.video import VideoWriter  # noqa: E402
-from envs.play.window import FrameWindow, display_available  # noqa: E402
+from envs.real_game import RealGame  # noqa: E402
 from envs.world_model_env import WorldModelEnv  # noqa: E402
 from envs.worlds import DEFAULT_WORLD  # noqa: E402
+from interactive.hud import FrameStats, Hud  # noqa: E402
+from interactive.keys import HeldKeys  # noqa: E402
+from interactive.video import VideoWriter  # noqa: E402
+from interactive.window import FrameWindow, display_available  # noqa: E402
+from record.controllers import Controller, KeyboardController, make_controller  # noqa: E402
+from record.session import SessionRecorder  # noqa: E402
 from worldmodel.threads import choose_threads  # noqa: E402
-from record.controllers import Controller  # noqa: E402
 
 # play.py's own keys (pygame key names); they never reach the world's keymap
 UI_KEYS = frozenset({"escape", "h", "r", "1", "2", "4", "p", ".", "v", "c", "tab", "m"})

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import gymnasium as gym
 import numpy as np
 
-from envs.preprocess import resize_frames
+from episodes.frames import resize_frames
 from envs.registry import make_game
 
 

@@ -1,4 +1,5 @@
-"""Gymnasium environments: source games (registry, keymaps) and the world-model env.
+"""Gymnasium environments: source games (registry) and the world-model env; strip.py makes
+stills of a world's dream under scripted keys.
 
 Importing ``envs`` is cheap: no torch and no game package (ale_py, vizdoom, minigrid) is imported
 until a game is made. ``import envs`` also registers ``WorldModel-v0`` with Gymnasium.

@@ -26,7 +26,7 @@ BUTTONS = ("MOVE_FORWARD", "MOVE_BACKWARD", "TURN_LEFT", "TURN_RIGHT", "MOVE_LEF
 # Game variables requested from ViZDoom; position is map units, angle degrees.
 GAME_VARIABLES = ("POSITION_X", "POSITION_Y", "ANGLE")
 
-# Action name -> buttons held. Names match envs.keymaps.DOOM_NAVIGATION, in the same order.
+# Action name -> buttons held. Names match interactive.keymaps.DOOM_NAVIGATION, in the same order.
 NAVIGATION_ACTIONS: dict[str, tuple[str, ...]] = {
     "NOOP": (),
     "FORWARD": ("MOVE_FORWARD",),

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import gymnasium as gym
 import numpy as np
 
-from envs.keymaps import Keymap
+from interactive.keymaps import Keymap
 
 if TYPE_CHECKING:
     from envs.registry import GameSpec

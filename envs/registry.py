@@ -27,8 +27,8 @@ import numpy as np
 from envs.doom import BUTTONS as DOOM_BUTTONS
 from envs.doom import GAME_VARIABLES as DOOM_GAME_VARIABLES
 from envs.game_env import GameEnv
-from envs.keymaps import BREAKOUT, DOOM_NAVIGATION, MINIGRID, PONG, Keymap, default_keymap
-from envs.preprocess import Crop, Size, resize_frames
+from interactive.keymaps import BREAKOUT, DOOM_NAVIGATION, MINIGRID, PONG, Keymap, default_keymap
+from episodes.frames import Crop, Size, resize_frames
 
 MODEL_SIZE: Size = (64, 64)  # default model resolution, (height, width)
 

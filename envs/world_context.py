@@ -20,7 +20,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from record.reader import Dataset, DatasetError, Episode
+from episodes.reader import Dataset, DatasetError, Episode
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 CACHED_EPISODES = 8  # decoded dataset episodes kept in memory (a 64x64 episode of 2k frames is 24 MB)

@@ -14,8 +14,8 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
-from envs.keymaps import Keymap
-from envs.play.window import FrameWindow
+from interactive.keymaps import Keymap
+from interactive.window import FrameWindow
 from envs.world_model_vector_env import WorldModelVectorEnv
 from envs.world_runtime import DEFAULT_HORIZON, InvalidWorldAction, WorldResetNeeded, WorldRuntime
 from envs.worlds import default_world_path
@@ -61,7 +61,7 @@ class WorldModelEnv(gym.Env):
     Info: ``step`` (frames since reset), ``steps`` (denoising steps of this frame) and, with
     ``timing_in_info=True``, ``latency_ms`` (model time of this frame). Timing is opt-in: wall-clock
     times differ between two identical rollouts, and Gymnasium's env checker (its determinism check
-    compares infos) must pass on the default env; ``env.unwrapped.runtime.latency_ms`` reads the
+    compares infos) must pass on the default env; ``env.unwrapped.runtime.engine.latency_ms`` reads the
     last frame's time without it. Observations, rewards and infos repeat exactly per seed.
 
     Calling ``step`` before the first ``reset`` raises ``gymnasium.error.ResetNeeded``.
@@ -120,17 +120,17 @@ class WorldModelEnv(gym.Env):
     @property
     def steps(self) -> int:
         """Denoising steps per frame; settable between steps (1, 2 or 4)."""
-        return self.runtime.steps
+        return self.runtime.engine.steps
 
     @steps.setter
     def steps(self, value: int) -> None:
-        self.runtime.steps = value
+        self.runtime.engine.steps = value
 
     def flush(self, budget_ms: float | None = None) -> bool:
         """Do the last frame's cache refresh now (call it after showing the frame, while idle).
         With ``budget_ms`` (the idle time left) it runs only if it fits; otherwise it is fused
         into the next frame's first model call. Returns whether it ran."""
-        return self.runtime.flush(budget_ms)
+        return self.runtime.engine.flush(budget_ms)
 
     # ---- Gymnasium API -----------------------------------------------------------------------
     def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
@@ -145,11 +145,7 @@ class WorldModelEnv(gym.Env):
         return obs, self._info()
 
     def step(self, action: int) -> tuple[np.ndarray, float, bool, bool, dict]:
-        if not self.action_space.contains(action):
-            raise InvalidWorldAction(
-                f"invalid action {action!r}: this world's actions are ids 0..{self.action_space.n - 1} "
-                f"({', '.join(self.action_names)})")
-        frames, rewards, terminated = self.runtime.step(np.array([int(action)]))
+        frames, rewards, terminated = self.runtime.step(action)  # the engine checks the action
         self.elapsed += 1
         truncated = self.horizon is not None and self.elapsed >= self.horizon
         if self.render_mode == "human":
@@ -173,7 +169,7 @@ class WorldModelEnv(gym.Env):
             self._window: FrameWindow | None = None
 
     def _info(self) -> dict[str, Any]:
-        info: dict[str, Any] = {"step": self.elapsed, "steps": self.runtime.steps}
+        info: dict[str, Any] = {"step": self.elapsed, "steps": self.runtime.engine.steps}
         if self.timing_in_info:
-            info["latency_ms"] = self.runtime.latency_ms
+            info["latency_ms"] = self.runtime.engine.latency_ms
         return info

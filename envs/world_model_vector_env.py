@@ -22,7 +22,7 @@ from gymnasium.utils import seeding
 from gymnasium.vector import AutoresetMode
 from gymnasium.vector.utils import batch_space
 
-from envs.world_runtime import DEFAULT_HORIZON, InvalidWorldAction, WorldRuntime
+from envs.world_runtime import DEFAULT_HORIZON, WorldRuntime
 
 
 class WorldModelVectorEnv(gym.vector.VectorEnv):
@@ -97,8 +97,7 @@ class WorldModelVectorEnv(gym.vector.VectorEnv):
         return self.runtime.frames.copy(), self._info()
 
     def step(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict]:
-        acts = self._check(actions)
-        frames, rewards, terminated = self.runtime.step(acts)  # every world, one forward
+        frames, rewards, terminated = self.runtime.step(actions)  # every world, one forward; the engine checks them
         self.elapsed += 1
         truncated = self.elapsed >= (self.horizon if self.horizon is not None else np.inf)
         restart = np.flatnonzero(self._autoreset)
@@ -119,22 +118,10 @@ class WorldModelVectorEnv(gym.vector.VectorEnv):
         self.elapsed[rows] = 0
         self._autoreset[rows] = False
 
-    def _check(self, actions: Any) -> np.ndarray:
-        acts = np.asarray(actions)
-        n = self.single_action_space.n
-        if acts.shape != (self.num_envs,) or not np.issubdtype(acts.dtype, np.integer):
-            raise InvalidWorldAction(f"actions must be {self.num_envs} integer ids (one per world), got "
-                                     f"{acts.dtype} array of shape {acts.shape}")
-        bad = np.flatnonzero((acts < 0) | (acts >= n))
-        if bad.size:
-            raise InvalidWorldAction(f"invalid action {int(acts[bad[0]])} for world {int(bad[0])}: this "
-                                     f"world's actions are ids 0..{n - 1} ({', '.join(self.action_names)})")
-        return acts.astype(np.int64)
-
     def _info(self) -> dict[str, Any]:
         every = np.ones(self.num_envs, bool)
         info: dict[str, Any] = {"step": self.elapsed.copy(), "_step": every}
         if self.timing_in_info:
-            info["latency_ms"] = np.full(self.num_envs, self.runtime.latency_ms)
+            info["latency_ms"] = np.full(self.num_envs, self.runtime.engine.latency_ms)
             info["_latency_ms"] = every.copy()
         return info

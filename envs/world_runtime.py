@@ -15,12 +15,11 @@ from typing import Any
 
 import gymnasium as gym
 import numpy as np
-import torch
 
-from envs.keymaps import Keymap, default_keymap
+from interactive.keymaps import Keymap, default_keymap
 from envs.world_context import ContextSource
 from envs.worlds import resolve_checkpoint
-from worldmodel.engine import Engine, EngineConfig
+from worldmodel.engine import Engine, EngineConfig, InvalidAction
 
 SEED_BOUND = 2**63 - 1  # engine seeds are drawn from the env's np_random below this
 DEFAULT_HORIZON = 1000  # frames per episode before truncation: imagined rollouts drift
@@ -160,36 +159,16 @@ class WorldRuntime:
         if not self.started:
             raise WorldResetNeeded("cannot call env.step() before env.reset(): call env.reset(seed=...) "
                                    "first; it starts the world from its context frames")
-        prev = self.engine.latents.clone() if self.engine.latents is not None else None
-        frames = self.engine.step(actions)
+        try:
+            frames = self.engine.step(actions)
+        except InvalidAction as err:
+            raise InvalidWorldAction(str(err)) from None
         self.frames[:] = frames
-        rewards = np.zeros(self.batch, np.float64)
-        terminated = np.zeros(self.batch, bool)
-        if self.engine.reward is not None and prev is not None:
-            acts = torch.as_tensor(np.asarray(actions, np.int64).reshape(-1), device=prev.device)
-            acts = acts.expand(self.batch) if acts.numel() == 1 else acts
-            r, t = self.engine.reward.predict(prev, self.engine.latents, acts)
-            rewards[:], terminated[:] = r.cpu().numpy(), t.cpu().numpy()
-        elif not self._warned_no_reward:
+        if self.engine.rewards is not None:
+            return frames, self.engine.rewards.copy(), self.engine.terminated.copy()
+        if self.engine.reward is None and not self._warned_no_reward:
             self._warned_no_reward = True
             warnings.warn(f"world {self.name!r} ({self.path}) has no reward heads: rewards are 0 and "
                           "episodes end only by truncation (horizon)", stacklevel=3)
+        rewards, terminated = np.zeros(self.batch, np.float64), np.zeros(self.batch, bool)
         return frames, rewards, terminated
-
-    @property
-    def steps(self) -> int:
-        return self.engine.steps
-
-    @steps.setter
-    def steps(self, value: int) -> None:
-        self.engine.steps = value
-
-    @property
-    def latency_ms(self) -> float:
-        """Model time of the last frame: pending refresh (if not flushed) + denoise + decode."""
-        return float(self.engine.timing.get("total_ms", 0.0))
-
-    def flush(self, budget_ms: float | None = None) -> bool:
-        """Run the pending cache refresh now, while the caller would otherwise wait (if it fits
-        in ``budget_ms``; see ``Engine.flush``)."""
-        return self.engine.flush(budget_ms)

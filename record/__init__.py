@@ -1,9 +1,9 @@
-"""Recording games as action-video datasets, and reading them back.
+"""Recording games as action-video datasets (the format is episodes/FORMAT.md).
 
-    writer.py       EpisodeWriter: chunked, atomic episode files (format: FORMAT.md)
-    reader.py       Dataset / Episode: list and load episodes, report damaged chunks
     collect.py      recording sessions;  workers.py: in several processes, stopped by signals
-    controllers.py  random and replay controllers (human.py, explorer.py, tracker.py: the others)
+    controllers.py  keyboard, random and replay controllers, play's --policy choice
+                    (human.py, explorer.py, tracker.py: the others)
+    session.py      play.py's session recording: a dream written as dataset episodes
     stats.py        dataset summaries;  viewer.py: step through episodes
     __main__.py     python -m record {games, collect, stats, view}
 

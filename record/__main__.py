@@ -18,12 +18,12 @@ import json
 import sys
 from pathlib import Path
 
-from envs.preprocess import parse_size
+from episodes.frames import parse_size
 from envs.registry import SPECS, UnknownGameError, UnsupportedGameError
 from record.collect import CONTROLLERS, CollectConfig, collect
 from record.controllers import parse_repeat
-from record.frame_codecs import CODECS
-from record.reader import DatasetError
+from episodes.codecs import CODECS
+from episodes.reader import DatasetError
 from record.stats import compute_stats, format_stats
 
 EXIT_BAD_INPUT = 2  # the command could not run as asked
@@ -54,7 +54,7 @@ def _repeat(text: str) -> tuple[int, int]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m record",
-        description="Record games as action-video datasets (see record/FORMAT.md), and inspect them.",
+        description="Record games as action-video datasets (see episodes/FORMAT.md), and inspect them.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

@@ -22,14 +22,14 @@ from typing import Any
 from tqdm import tqdm
 
 from envs.game_env import GameEnv
-from envs.preprocess import Size
+from episodes.frames import Size
 from envs.registry import get_spec, make_game
 from record.controllers import Controller, RandomController, ReplayController
 from record.explorer import ExplorerController
 from record.tracker import BallTracker
-from record.reader import Dataset, DatasetError, Episode
+from episodes.reader import Dataset, DatasetError, Episode
 from record.workers import Stop, restore_signals, run_workers
-from record.writer import (
+from episodes.writer import (
     END_BUDGET,
     END_INTERRUPTED,
     END_TERMINATED,

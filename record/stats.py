@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from record.reader import Dataset
+from episodes.reader import Dataset
 
 POSITION_CELL = 64.0  # map units per coverage cell (64 = a Doom floor tile)
 

@@ -14,9 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pygame
 
-from record.human import HUD_HEIGHT, draw_frame, open_window, pygame, window_scale
-from record.reader import Dataset, DatasetError, Episode
+from episodes.reader import Dataset, DatasetError, Episode
+from interactive.hud import Hud
+from interactive.window import FrameWindow
 
 
 @dataclass
@@ -57,10 +59,8 @@ def view(
         raise DatasetError(f"no episodes in {root}: record some with `python -m record collect`")
     state = ViewerState(episode=min(max(0, episode), len(dirs) - 1))
     current = _load(dataset, dirs, state.episode)
-    first = current.frames[0]
-    scale = scale or window_scale(first.shape)
-    screen = open_window(first.shape[1] * scale, first.shape[0] * scale + HUD_HEIGHT, f"record view: {root}")
-    clock = pygame.time.Clock()
+    hud = Hud()
+    window = FrameWindow(current.frames[0].shape, scale, f"record view: {root}", strip=hud.height(1))
     try:
         while max_steps is None or state.steps < max_steps:
             state.steps += 1
@@ -68,19 +68,18 @@ def view(
             if quit_:
                 break
             if reload:
-                current = _load(dataset, dirs, state.episode)
+                current = _load(dataset, dirs, state.episode, window.frame_shape)
                 state.frame = 0
             if state.playing:
                 state.frame = min(state.frame + 1, len(current) - 1)
                 state.playing = state.frame < len(current) - 1
-            draw_frame(
-                screen,
-                current.frames[state.frame],
-                status_line(current, state.frame, state.episode, len(dirs)),
-            )
-            clock.tick(float(current.meta.get("fps", 30)) if state.playing else 60)
+            window.draw([current.frames[state.frame]])
+            hud.draw(window.screen, [status_line(current, state.frame, state.episode, len(dirs))],
+                     window.clear_strip())
+            window.flip()
+            window.tick(float(current.meta.get("fps", 30)) if state.playing else 60)
     finally:
-        pygame.display.quit()
+        window.close()
     return state
 
 
@@ -112,11 +111,12 @@ def _handle(events: list, state: ViewerState, length: int, count: int) -> tuple[
     return False, reload
 
 
-def _load(dataset: Dataset, dirs: list[Path], index: int) -> Episode:
-    """Episode ``index`` with frames (its readable pieces joined for viewing; a blank frame if none)."""
+def _load(dataset: Dataset, dirs: list[Path], index: int, shape: tuple[int, ...] = (64, 64, 3)) -> Episode:
+    """Episode ``index`` with frames (its readable pieces joined for viewing; a blank frame of
+    ``shape`` if none)."""
     pieces = dataset.read(dirs[index], frames=True)
     if not pieces:
-        blank = np.zeros((64, 64, 3), np.uint8)
+        blank = np.zeros(shape, np.uint8)
         meta = dataset.meta(dirs[index])
         return Episode(
             dirs[index],

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from envs.breakout import BALL_RGB, BRICK_GRID, NATIVE_SHAPE, BreakoutScreen, ball_native, paddle_native
-from envs.preprocess import resize_frames
+from episodes.frames import resize_frames
 from envs.registry import make_game
 from record.controllers import RandomController
 from record.tracker import BallTracker

@@ -124,6 +124,23 @@ def test_invalid_action_message_names_the_actions():
         eng.step(9)
     with pytest.raises(ValueError, match="one per world"):
         eng.step([0, 1])
+    with pytest.raises(ValueError, match=r"integer ids 0\.\.3"):
+        eng.step(1.5)  # not silently truncated to 1
+
+
+@pytest.mark.parametrize("block", [1, 2])
+def test_step_scores_each_transition_with_the_reward_heads(block):
+    world = make_tiny_world(frames_per_block=block)
+    eng = engine(world, batch=3)
+    eng.reset(None)
+    assert eng.rewards is None  # nothing scored before the first step
+    for actions in ([0, 1, 2], [3, 3, 0], [1, 0, 2]):
+        prev = eng.latents.clone()
+        eng.step(actions)
+        want_r, want_t = world.reward.predict(prev, eng.latents, torch.tensor(actions))
+        np.testing.assert_array_equal(eng.rewards, want_r.numpy())
+        np.testing.assert_array_equal(eng.terminated, want_t.numpy())
+        assert eng.rewards.shape == (3,) and eng.terminated.dtype == bool
 
 
 def test_seeded_rollouts_repeat_and_differ_by_seed():

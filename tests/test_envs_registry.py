@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import envs
-from envs.preprocess import parse_size, resize_frames
+from episodes.frames import parse_size, resize_frames
 from envs.registry import SPECS, UnknownGameError, UnsupportedGameError, get_spec, make_game
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_import_is_cheap_and_registers_the_world_model_env() -> None:
     code = (
-        "import sys, envs, envs.registry, envs.keymaps\n"
+        "import sys, envs, envs.registry, interactive.keymaps\n"
         "heavy = [m for m in ('torch', 'ale_py', 'vizdoom', 'minigrid', 'pygame') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
         "import gymnasium\n"

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from record.writer import EpisodeWriter
+from episodes.writer import EpisodeWriter
 from tests.conftest import make_tiny_world
 from train.eval import metrics as M
 from train.eval import report

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from envs.breakout import BreakoutScreen
-from envs.preprocess import resize_frames
+from episodes.frames import resize_frames
 from envs.registry import make_game
 from record.controllers import RandomController
 from record.tracker import BallTracker

@@ -3,7 +3,7 @@
 import pytest
 
 from envs.doom import NAVIGATION_ACTIONS
-from envs.keymaps import BREAKOUT, DOOM_NAVIGATION, MINIGRID, PONG, Keymap, default_keymap
+from interactive.keymaps import BREAKOUT, DOOM_NAVIGATION, MINIGRID, PONG, Keymap, default_keymap
 
 NOOP, FIRE, RIGHT, LEFT = range(4)  # Breakout's ids
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from record.__main__ import main as record_main
-from record.reader import Dataset
+from episodes.reader import Dataset
 from train.app import main as train_main
 from train.assemble import CONTEXT_CLIP_LEN
 from train.assemble import main as assemble_main

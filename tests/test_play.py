@@ -13,11 +13,12 @@ import pytest
 
 import envs  # noqa: F401  (registers WorldModel-v0)
 import play
-from envs.keymaps import BREAKOUT
-from envs.play.controllers import HeldKeys, KeyboardController, load_actions, make_controller
-from envs.play.window import FrameWindow
+from interactive.keymaps import BREAKOUT
+from interactive.keys import HeldKeys
+from record.controllers import KeyboardController, load_actions, make_controller
+from interactive.window import FrameWindow
 from envs.world_model_env import WorldModelEnv
-from record.reader import Dataset
+from episodes.reader import Dataset
 from tests.conftest import make_tiny_world
 from worldmodel.checkpoint import save_world
 
@@ -243,7 +244,7 @@ def test_refresh_runs_in_idle_time_only_when_it_fits(ckpt):
 
 def test_the_hud_sits_below_the_frame_and_covers_none_of_it(ckpt, tmp_path):
     env = WorldModelEnv(checkpoint=ckpt, steps=1, horizon=None)
-    from envs.play.hud import Hud
+    from interactive.hud import Hud
     window = FrameWindow(env.observation_space.shape, title="test", strip=Hud().height(play.HUD_LINES) + 8)
     held = HeldKeys(ignore=play.UI_KEYS)
     s = play.Session(env, window, KeyboardController(env.keymap, held), held, fps=0, seed=0,

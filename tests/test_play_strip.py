@@ -1,4 +1,4 @@
-"""The still maker (`python -m envs.play.strip`): plans parse, rows replay the env, bad input exits 2."""
+"""The still maker (`python -m envs.strip`): plans parse, rows replay the env, bad input exits 2."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 import pytest
 
-from envs.play.strip import main, parse_plan, render_strip
+from envs.strip import main, parse_plan, render_strip
 from envs.world_model_env import WorldModelEnv
 
 NAMES = ["NOOP", "FIRE", "RIGHT", "LEFT"]

@@ -11,9 +11,9 @@ import pygame
 import pytest
 
 from record.__main__ import main
-from record.reader import Dataset
+from episodes.reader import Dataset
 from record.viewer import view
-from record.writer import EpisodeWriter
+from episodes.writer import EpisodeWriter
 
 ROOT = Path(__file__).resolve().parents[1]
 

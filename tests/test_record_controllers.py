@@ -6,13 +6,13 @@ import numpy as np
 import pygame
 import pytest
 
-from envs.keymaps import BREAKOUT, DOOM_NAVIGATION
+from interactive.keymaps import BREAKOUT, DOOM_NAVIGATION
 from envs.registry import make_game
 from record.collect import CollectConfig, collect
 from record.controllers import RandomController, ReplayController, parse_repeat
 from record.explorer import ExplorerController
 from record.human import HumanController
-from record.reader import Dataset
+from episodes.reader import Dataset
 
 NOOP, FIRE, RIGHT, LEFT = range(4)  # Breakout's ids
 

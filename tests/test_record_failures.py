@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 
 from envs.registry import make_game
-from record.reader import Dataset
+from episodes.reader import Dataset
 from record.stats import compute_stats
-from record.writer import NULL_ACTION, EpisodeWriter
+from episodes.writer import NULL_ACTION, EpisodeWriter
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "SDL_VIDEODRIVER": "dummy", "SDL_AUDIODRIVER": "dummy"}

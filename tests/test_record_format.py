@@ -6,10 +6,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from record.frame_codecs import CODECS
-from record.reader import Dataset, DatasetError, iter_episodes
+from episodes.codecs import CODECS
+from episodes.reader import Dataset, DatasetError, iter_episodes
 from record.stats import compute_stats
-from record.writer import END_BUDGET, NULL_ACTION, EpisodeWriter
+from episodes.writer import END_BUDGET, NULL_ACTION, EpisodeWriter
 
 META = {"game": "toy", "fps": 10.0, "action_names": ["noop", "left", "right"]}
 

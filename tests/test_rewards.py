@@ -12,7 +12,7 @@ import pytest
 import torch
 from tensordict import TensorDict
 
-from record.writer import EpisodeWriter
+from episodes.writer import EpisodeWriter
 from tests.conftest import make_tiny_world
 from train.app import main as train_main
 from train.objectives import TrainContext

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from record.writer import EpisodeWriter
+from episodes.writer import EpisodeWriter
 from train.app import compose_config, main
 from train.data import ClipBatches, SyntheticConfig, SyntheticSource, build_data, clip_batches
 

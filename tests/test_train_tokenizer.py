@@ -141,7 +141,7 @@ def test_latent_cache_is_keyed_by_tokenizer_weights(tokenizer_run: Path, tmp_pat
 
 def test_a_valid_latent_cache_is_used_without_decoding_images(tokenizer_run: Path, tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    import record.reader
+    import episodes.reader
     from tests.test_train_data import write_dataset
     from train.data import build_data
 
@@ -153,8 +153,8 @@ def test_a_valid_latent_cache_is_used_without_decoding_images(tokenizer_run: Pat
     first = build_data(cfg.data, **kw)
     assert sorted(first.episode_lengths()) == [5, 10]
     decoded = []
-    real_unpack = record.reader.unpack_frames
-    monkeypatch.setattr(record.reader, "unpack_frames", lambda *a: decoded.append(1) or real_unpack(*a))
+    real_unpack = episodes.reader.unpack_frames
+    monkeypatch.setattr(episodes.reader, "unpack_frames", lambda *a: decoded.append(1) or real_unpack(*a))
     again = build_data(cfg.data, **kw)  # the cache matches the dataset: no image is decoded
     assert decoded == [] and torch.equal(again.clip(1, 0, 5)["latents"], first.clip(1, 0, 5)["latents"])
     write_dataset(data, episodes=1, length=12, damage=False)  # one more episode: the cache is stale

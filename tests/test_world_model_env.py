@@ -11,7 +11,7 @@ from gymnasium.vector import AutoresetMode
 import envs  # noqa: F401  (registers WorldModel-v0)
 from envs import worlds
 from envs.world_model_env import WorldModelEnv, WorldModelVectorEnv, default_world_path
-from record.writer import EpisodeWriter
+from episodes.writer import EpisodeWriter
 from tests.conftest import make_tiny_world
 from worldmodel.checkpoint import CheckpointError, save_world
 
@@ -55,7 +55,7 @@ def test_check_env_passes_with_default_arguments(ckpt):
 def test_timing_is_opt_in(ckpt):
     env = WorldModelEnv(checkpoint=ckpt, steps=1)
     env.reset(seed=0)
-    assert "latency_ms" not in env.step(0)[4] and env.runtime.latency_ms > 0
+    assert "latency_ms" not in env.step(0)[4] and env.runtime.engine.latency_ms > 0
     vec = WorldModelVectorEnv(num_envs=2, checkpoint=ckpt, steps=1)
     vec.reset(seed=0)
     assert "latency_ms" not in vec.step(np.array([0, 1]))[4]

@@ -17,7 +17,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from record.reader import DatasetError
+from episodes.reader import DatasetError
 from train import UsageError
 from train.interrupt import Stopped
 from train.help import describe

@@ -21,7 +21,7 @@ import cv2
 import numpy as np
 import torch
 
-from record.reader import Dataset, DatasetError
+from episodes.reader import Dataset, DatasetError
 from train import UsageError
 from train.eval.split import split_dirs
 from train.loop import WALLCLOCK

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from tensordict import TensorDict
 
-from record.reader import Dataset, DatasetError
+from episodes.reader import Dataset, DatasetError
 from train import UsageError
 from train.distributed import Dist, barrier
 from train.eval.split import split_ids

@@ -30,6 +30,10 @@ from worldmodel.checkpoint import World, load_world
 from worldmodel.fused_refresh import refresh_and_forward
 
 
+class InvalidAction(ValueError):
+    """An action that is not one of the world's ids (or not one per world)."""
+
+
 def auto_dtype(device: torch.device | str) -> torch.dtype:
     """bf16 where the hardware has bf16 matrix units (CUDA, or CPUs oneDNN runs bf16 on), else fp32."""
     device = torch.device(device)
@@ -100,6 +104,9 @@ class Engine:
         self._buffer: list[tuple[np.ndarray, torch.Tensor]] = []  # chunk-wise: frames to come
         self.frames: np.ndarray | None = None   # (B, H, W, 3) the frame each world shows now
         self.latents: torch.Tensor | None = None  # (B, h, w, c) its latents
+        # the reward heads' verdict on the last step's transitions, (B,) float64 and bool
+        self.rewards: np.ndarray | None = None
+        self.terminated: np.ndarray | None = None
         self.frame_index = 0
         self.timing: dict[str, float] = {}
         self.refresh_cost_ms: float | None = None  # last stand-alone refresh (warm_up measures one)
@@ -135,6 +142,11 @@ class Engine:
         if value < 1:
             raise ValueError(f"steps must be >= 1, got {value}")
         self._steps = int(value)
+
+    @property
+    def latency_ms(self) -> float:
+        """Model time of the last frame: pending refresh (if not flushed) + denoise + decode."""
+        return float(self.timing.get("total_ms", 0.0))
 
     # ---- public API ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -220,14 +232,21 @@ class Engine:
 
     @torch.no_grad()
     def step(self, actions) -> np.ndarray:
-        """Advance every world by one frame under ``actions`` (int or (B,)); uint8 (B, H, W, 3)."""
-        acts = self._check_actions(actions)
+        """Advance every world by one frame under ``actions`` (int or (B,)); uint8 (B, H, W, 3).
+
+        With reward heads, ``rewards`` (B,) and ``terminated`` (B,) then hold their verdict on the
+        transition just made (from the latents before and after it, under ``actions``)."""
+        acts = self.check_actions(actions)
+        prev = self.latents
         self.frame_index += 1
         if self._buffer:  # chunk-wise: frames of the current block are already made
             self.timing = {"total_ms": 0.0, "steps": 0}
             self.frames, self.latents = self._buffer.pop(0)
-            return self.frames
-        self.frames, self.latents = self._generate(acts)
+        else:
+            self.frames, self.latents = self._generate(acts)
+        if self.reward is not None and prev is not None:
+            r, t = self.reward.predict(prev, self.latents, acts.to(prev.device))
+            self.rewards, self.terminated = r.cpu().numpy().astype(np.float64), t.cpu().numpy()
         return self.frames
 
     def flush(self, budget_ms: float | None = None) -> bool:
@@ -246,16 +265,23 @@ class Engine:
         return True
 
     # ---- internals ----------------------------------------------------------------------------
-    def _check_actions(self, actions) -> torch.Tensor:
-        a = np.asarray(actions, dtype=np.int64).reshape(-1)
+    def check_actions(self, actions) -> torch.Tensor:
+        """``actions`` (an int, or one per world) as a (B,) long tensor; InvalidAction naming the
+        problem and the valid ids otherwise. The one place actions are checked and converted."""
+        a = np.asarray(actions)
+        if a.dtype.kind not in "iu":
+            raise InvalidAction(f"actions must be integer ids 0..{self.num_actions - 1} "
+                                f"({', '.join(self.action_names)}), got {a.dtype} {actions!r}")
+        a = a.astype(np.int64).reshape(-1)
         if a.size == 1 and self.batch > 1:
             a = np.repeat(a, self.batch)
         if a.size != self.batch:
-            raise ValueError(f"expected {self.batch} actions (one per world), got {a.size}")
-        bad = a[(a < 0) | (a >= self.num_actions)]
+            raise InvalidAction(f"expected {self.batch} actions (one per world), got {a.size}")
+        bad = np.flatnonzero((a < 0) | (a >= self.num_actions))
         if bad.size:
-            raise ValueError(f"invalid action {int(bad[0])}: this world has {self.num_actions} "
-                             f"actions, ids 0..{self.num_actions - 1} = {self.action_names}")
+            where = f" for world {int(bad[0])}" if self.batch > 1 else ""
+            raise InvalidAction(f"invalid action {int(a[bad[0]])}{where}: this world has {self.num_actions} "
+                                f"actions, ids 0..{self.num_actions - 1} = {self.action_names}")
         return torch.from_numpy(a)
 
     def _pending_flush(self) -> float:

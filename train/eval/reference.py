@@ -26,7 +26,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from record.reader import Dataset
+from episodes.reader import Dataset
 from train import UsageError
 from train.eval.metrics import colour_spread, frame_stats
 from train.eval.probe import InverseDynamics, ProbeConfig, train_probe

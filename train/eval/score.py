@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from envs.world_context import split_episodes
-from record.reader import Episode
+from episodes.reader import Episode
 from train.eval import metrics as M
 from train.eval.probe import accuracy, sequence_pairs
 from train.eval.reference import UNIFORM_LEVEL, Reference, is_duplicate

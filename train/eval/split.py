@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from record.reader import Dataset, DatasetError, Episode
+from episodes.reader import Dataset, DatasetError, Episode
 from train import UsageError
 
 HELD_OUT_FRACTION = 0.1

@@ -6,7 +6,7 @@ store all of a chunk's frames as one byte array plus offsets:
     frames_offsets int64 (N + 1,)         frame i is frames_data[offsets[i]:offsets[i + 1]]
 The ``raw`` codec stores ``frames`` uint8 (N, H, W, 3) as is.
 
-Measured bytes per frame and speeds are in record/FORMAT.md. ``png`` is the default: lossless,
+Measured bytes per frame and speeds are in episodes/FORMAT.md. ``png`` is the default: lossless,
 readable by any image tool, about 1.2 KB per Breakout frame and 33 KB per 320x240 Doom frame.
 """
 

@@ -1,8 +1,8 @@
-"""`python -m envs.play.strip`: a still of a world's dream, as a labelled PNG strip.
+"""`python -m envs.strip`: a still of a world's dream, as a labelled PNG strip.
 
-    python -m envs.play.strip --world breakout --seed 1 --every 4 --out docs/img/breakout.png \\
+    python -m envs.strip --world breakout --seed 1 --every 4 --out docs/img/breakout.png \\
         --plan "fire*4,right*12,left*16" --plan "fire*4,left*12,right*16"
-    python -m envs.play.strip --world doom --seed 2 --every 3 --out keys.png \\
+    python -m envs.strip --world doom --seed 2 --every 3 --out keys.png \\
         --plan "turn_left*12" --plan "turn_right*12" --plan "forward*12"
 
 Each ``--plan`` is one row: the world is reset from the same context (``reset(seed=S)``), the plan's
@@ -78,7 +78,7 @@ def render_strip(rows: list[list[tuple[np.ndarray, str]]], every: int, scale: in
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m envs.play.strip",
+    p = argparse.ArgumentParser(prog="python -m envs.strip",
                                 description="A labelled PNG strip of a world's dream under action plans.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     src = p.add_mutually_exclusive_group()

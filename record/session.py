@@ -1,4 +1,4 @@
-"""Recording a play session into the training dataset format (record/writer.py).
+"""Recording a play session into the training dataset format (episodes/writer.py).
 
 A recorded dream is data like any other: the controller of each frame (human, random, replay) is
 stored, and the metadata's source says it came from a world model, not the real game. Episodes
@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from record.writer import END_INTERRUPTED, END_TERMINATED, NULL_ACTION, EpisodeWriter
+from episodes.writer import END_INTERRUPTED, END_TERMINATED, NULL_ACTION, EpisodeWriter
 
 
 class SessionRecorder:

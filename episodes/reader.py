@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from envs.preprocess import Size, resize_frames
-from record.frame_codecs import check_frames, get_codec, unpack_frames
-from record.writer import CHUNK_GLOB, META_FILE
+from episodes.frames import Size, resize_frames
+from episodes.codecs import check_frames, get_codec, unpack_frames
+from episodes.writer import CHUNK_GLOB, META_FILE
 
 STEP_FIELDS = ("actions", "rewards", "terminated", "truncated", "controller", "timestamps")
 # What np.load / zipfile / our checks raise on a damaged chunk.

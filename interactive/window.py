@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")  # keep CLI output to our own lines
-
-import numpy as np  # noqa: E402
-import pygame  # noqa: E402
+import numpy as np
+import pygame
 
 TARGET_SIDE = 512  # pixels: default window height for a small model frame
 VIRTUAL_DRIVERS = ("dummy", "offscreen")  # SDL drivers that draw into memory, not onto a screen
@@ -58,6 +56,10 @@ class FrameWindow:
         self.clock = pygame.time.Clock()
 
     @property
+    def frame_shape(self) -> tuple[int, int, int]:
+        return self.height, self.width, 3
+
+    @property
     def panel_size(self) -> tuple[int, int]:
         return self.width * self.scale, self.height * self.scale
 
@@ -67,7 +69,11 @@ class FrameWindow:
             return
         self.panels = panels
         pw, ph = self.panel_size
-        self.screen = pygame.display.set_mode((pw * panels, ph + self.strip))
+        try:
+            self.screen = pygame.display.set_mode((pw * panels, ph + self.strip))
+        except pygame.error as err:
+            raise NoDisplayError(f"cannot open a window ({err}): run this on a machine with a display, "
+                                 "or set SDL_VIDEODRIVER=dummy for a headless run") from err
         # frames are blitted into these, then scaled straight into the screen
         self.small = [pygame.Surface((self.width, self.height), 0, self.screen) for _ in range(panels)]
 

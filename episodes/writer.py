@@ -3,7 +3,7 @@
 Every file lands by write-to-temporary, fsync, ``os.replace``: a reader, or a crash at any
 moment, sees either the whole file or none of it. A ``kill -9`` therefore loses at most the
 chunk in flight (at most ``chunk_frames`` frames or ``chunk_seconds`` of play); everything
-written before it stays readable. See record/FORMAT.md for the layout.
+written before it stays readable. See episodes/FORMAT.md for the layout.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from typing import IO, Any
 
 import numpy as np
 
-from envs.preprocess import Size, resize_frames
-from record.frame_codecs import encode_frame, get_codec, pack_frames
+from episodes.frames import Size, resize_frames
+from episodes.codecs import encode_frame, get_codec, pack_frames
 
 FORMAT_NAME = "worldmodel-episode"
 FORMAT_VERSION = 1
@@ -89,7 +89,7 @@ class EpisodeWriter:
     root:         dataset directory (created if missing); the episode gets its own subdirectory.
     meta:         episode metadata (game, seed, fps, action names, keymap, controller, ...).
     native_shape: (H, W, 3) of the frames the game produces.
-    codec:        frame codec name (record.frame_codecs.CODECS).
+    codec:        frame codec name (episodes.codecs.CODECS).
     size:         (h, w) to store frames at, or None for native size.
     """
 
