@@ -50,6 +50,16 @@ def test_missing_file(tmp_path):
         load_world(tmp_path / "nope.safetensors")
 
 
+def test_a_stage_export_folder_loads_its_world_file(tmp_path):
+    export = tmp_path / "export"
+    export.mkdir()
+    with pytest.raises(CheckpointError, match="folder without a world.safetensors"):
+        load_world(export)
+    save_world(export / "world.safetensors", make_tiny_world())
+    assert read_config(export) == read_config(export / "world.safetensors")
+    assert load_world(export).action_names == make_tiny_world().action_names
+
+
 def test_truncated_file(tmp_path):
     path = tmp_path / "w.safetensors"
     save_world(path, make_tiny_world())

@@ -93,6 +93,20 @@ def test_flicker_is_not_a_break(real: np.ndarray) -> None:
     assert rates(flicker)["brick_breaks_per_1000"] <= rates(real)["brick_breaks_per_1000"]
 
 
+def test_a_wall_that_blinks_back_breaks_no_brick(real: np.ndarray) -> None:
+    """Bricks that vanish long enough to count as broken and then come back (what a world that
+    forgets its wall draws) clear nothing: the bar is on bricks that stay broken."""
+    rows = slice(0, SCREEN.field_rows.start)
+    blink = real.copy()
+    blink[:, :, rows] = real[:, :1, rows]  # the first frame's wall, which never loses a brick ...
+    for start in range(0, real.shape[1], 12):
+        blink[:, start + 6:start + 12, rows] = 0  # ... gone for 6 frames in every 12, then back
+    w, r = rates(blink), rates(real)
+    assert w["brick_breaks_per_1000"] > 2 * r["brick_breaks_per_1000"]  # counted as breaks ...
+    assert w["bricks_kept_broken_per_1000"] < 0.2 * r["bricks_kept_broken_per_1000"]  # ... but none stay broken
+    assert not compare(w, r)["passes"]["brick_breaks"]
+
+
 def test_the_tracker_reads_small_frames_as_it_reads_native_ones(real: np.ndarray) -> None:
     meta = {"controller": "tracker", "controller_config": {"noise": 0.0}, "action_names": NAMES}
     ctrl = make_controller(meta, 4, (64, 64), seed=0)

@@ -113,9 +113,20 @@ def read_config(path: str | os.PathLike) -> dict:
     return _read_meta(path)[0]
 
 
+def resolve_world_path(path: str | os.PathLike) -> Path:
+    """A world file, or a training stage's export folder, which holds one as ``world.safetensors``."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / "world.safetensors").is_file():
+            raise CheckpointError(f"{path} is a folder without a world.safetensors; pass a world file "
+                                  "(a stage's export/world.safetensors, or one made by python -m train.assemble)")
+        return path / "world.safetensors"
+    return path
+
+
 def _read_meta(path: str | os.PathLike) -> tuple[dict, dict]:
     """(config, raw metadata) of a world checkpoint, validated."""
-    path = Path(path)
+    path = resolve_world_path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist; pass an existing .safetensors "
                               "world (or omit it to use the shipped default world)")
@@ -155,7 +166,7 @@ def load_world(path: str | os.PathLike, device: torch.device | str = "cpu",
                dtype: torch.dtype = torch.float32, verify: bool = True) -> World:
     """Load a world checkpoint; models are put on ``device`` in ``dtype`` and in eval mode.
     ``verify=False`` skips the tensor digest (~60 ms for a 17 MB world on one busy core)."""
-    path = Path(path)
+    path = resolve_world_path(path)
     config, meta = _read_meta(path)
     try:
         with safe_open(str(path), framework="pt") as f:

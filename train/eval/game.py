@@ -12,7 +12,9 @@ and compare the two:
   paddle);
 - ``brick_breaks_per_1000``: bricks that were there for two frames and are gone for the next
   four (so a flickering brick is not a break), and ``bricks_restored_per_1000``, the reverse
-  (a brick reappearing: real only when a new wall is dealt);
+  (a brick reappearing: real only when a new wall is dealt); the bar is on their difference,
+  ``bricks_kept_broken_per_1000``, since a world whose bricks blink off and back on scores breaks
+  without ever clearing a brick;
 - ``reward_events_per_1000``: rewarded transitions: the recorded rewards for real play; the world's
   reward heads on its own frames (re-encoded) for the world.
 
@@ -82,6 +84,7 @@ def summarise(counts: list[dict], reward_events: int | None = None) -> dict:
         "vanish_per_flight": total["vanished"] / total["flights"] if total["flights"] else None,
         "brick_breaks_per_1000": 1000 * total["brick_breaks"] / n,
         "bricks_restored_per_1000": 1000 * total["bricks_restored"] / n,
+        "bricks_kept_broken_per_1000": 1000 * max(total["brick_breaks"] - total["bricks_restored"], 0) / n,
     }
     if reward_events is not None:
         out["reward_events_per_1000"] = 1000 * reward_events / n
@@ -93,7 +96,7 @@ def compare(world: dict, real: dict) -> dict:
     def ratio(key: str) -> float | None:
         return world[key] / real[key] if real[key] else None
 
-    share, bricks = ratio("ball_share"), ratio("brick_breaks_per_1000")
+    share, bricks = ratio("ball_share"), ratio("bricks_kept_broken_per_1000")
     vanish = world["vanish_per_flight"]
     return {
         "ball_share_ratio": share, "brick_rate_ratio": bricks,

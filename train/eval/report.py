@@ -69,6 +69,7 @@ def table_row(name: str, m: dict) -> dict:
                    game_broken=w["broken_ball_share"], game_vanish=w["vanish_per_flight"],
                    game_vanish_real=r["vanish_per_flight"], game_bricks=w["brick_breaks_per_1000"],
                    game_bricks_real=r["brick_breaks_per_1000"], game_restored=w["bricks_restored_per_1000"],
+                   game_kept=w.get("bricks_kept_broken_per_1000"), game_kept_real=r.get("bricks_kept_broken_per_1000"),
                    game_rewards=w.get("reward_events_per_1000"), game_rewards_real=r.get("reward_events_per_1000"),
                    game_failed=",".join(k for k, v in game["passes"].items() if not v) or "ok")
         if game.get("tokenizer"):
@@ -82,7 +83,8 @@ def game_table(rows: list[dict]) -> str:
     if not rows:
         return ""
     head = ["checkpoint", "ball shown (real / tokenizer)", "double/smeared", "vanish per flight (real)",
-            "brick breaks /1000 (real)", "bricks restored /1000", "reward events /1000 (real)", "bars failed"]
+            "brick breaks /1000 (real)", "bricks restored /1000",
+            "kept broken /1000 (real)", "reward events /1000 (real)", "bars failed"]
     lines = ["\n### Game behaviour\n", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         lines.append("| " + " | ".join([
@@ -90,9 +92,10 @@ def game_table(rows: list[dict]) -> str:
             _fmt(r["game_broken"], 3),
             f"{_fmt(r['game_vanish'], 3)} ({_fmt(r['game_vanish_real'], 3)})",
             f"{_fmt(r['game_bricks'])} ({_fmt(r['game_bricks_real'])})", _fmt(r["game_restored"]),
+            f"{_fmt(r.get('game_kept'))} ({_fmt(r.get('game_kept_real'))})",
             f"{_fmt(r['game_rewards'])} ({_fmt(r['game_rewards_real'])})", r["game_failed"]]) + " |")
     lines.append("\nClosed-loop rollouts played by the dataset's own controller reading the world's frames, "
-                 "against the held-out episodes (tokenizer: those episodes encoded and decoded, the ceiling); bars: ball shown >= 0.8x real, brick breaks >= 0.5x real, "
+                 "against the held-out episodes (tokenizer: those episodes encoded and decoded, the ceiling); bars: ball shown >= 0.8x real, bricks kept broken (breaks minus restored) >= 0.5x real, "
                  "vanish <= 0.1 per flight (train/eval/game.py).\n")
     return "\n".join(lines)
 
