@@ -63,7 +63,7 @@ def runs(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("dist")
     write_rewarded_dataset(root / "data", episodes=4)
     for parallel in ("ddp", "fsdp"):
-        common = [f"data={root / 'data'}", "model=tiny", f"runs_root={root / parallel}", "steps=2",
+        common = [f"data={root / 'data'}", "model=tiny", f"runs_root={root / parallel}", "max_steps=2",
                   "progress=false", "device=cpu", "dtype=fp32", f"parallel={parallel}"]
         for stage, extra in STAGES:
             torchrun(f"stage={stage}", *common, *extra)
@@ -90,7 +90,7 @@ def test_every_stage_exports_the_same_under_ddp_and_fsdp(runs: Path, stage: str)
 def test_resume_under_torchrun(runs: Path, parallel: str) -> None:
     common = [f"data={runs / 'data'}", "model=tiny", f"runs_root={runs / parallel}", "progress=false",
               "device=cpu", "dtype=fp32", f"parallel={parallel}", "data.batch_size=2", "data.clip_len=4"]
-    log = torchrun("stage=ar", "steps=3", *common)
+    log = torchrun("stage=ar", "max_steps=3", *common)
     assert "from step_00000002.pt (step 2)" in log
     ck = torch.load(sorted((runs / parallel / "ar" / "checkpoints").glob("step_*.pt"))[-1], weights_only=True)
     assert ck["step"] == 3 and ck["counts"]["dit"] == 3

@@ -158,10 +158,10 @@ def test_cd_target_updates_count_optimizer_steps_in_the_loop(tmp_path):
     runs = tmp_path / "runs"
     common = ["data=synthetic", "model=tiny", f"runs_root={runs}", "progress=false", "device=cpu",
               "data.synthetic.episodes=4", "data.synthetic.episode_len=24", "data.batch_size=2"]
-    assert train_main(["stage=tokenizer", "steps=1", *common]) == 0
-    assert train_main(["stage=teacher", "steps=1", "stage.num_actions=4", *common]) == 0
-    assert train_main(["stage=ar", "steps=1", "stage.num_actions=4", *common]) == 0
-    assert train_main(["stage=causal_cd", "steps=3", "grad_accum=2", *common]) == 0
+    assert train_main(["stage=tokenizer", "max_steps=1", *common]) == 0
+    assert train_main(["stage=teacher", "max_steps=1", "stage.num_actions=4", *common]) == 0
+    assert train_main(["stage=ar", "max_steps=1", "stage.num_actions=4", *common]) == 0
+    assert train_main(["stage=causal_cd", "max_steps=3", "grad_accum=2", *common]) == 0
     ck = load_checkpoint(latest_checkpoint(runs / "causal_cd"))
     assert ck["objective"]["calls"] == 3 and ck["counts"]["student"] == 3  # not 6 loss calls
 

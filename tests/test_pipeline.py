@@ -25,7 +25,7 @@ def test_record_train_all_evaluate_play(tmp_path: Path) -> None:
     data, runs = tmp_path / "data", tmp_path / "runs"
     assert record_main(["collect", "--env", "minigrid", "--controller", "random", "--frames", "600",
                         "--out", str(data), "--seed", "0", "--no-progress"]) == 0
-    assert train_main(["stage=all", f"data={data}", "model=tiny", f"runs_root={runs}", "steps=2",
+    assert train_main(["stage=all", f"data={data}", "model=tiny", f"runs_root={runs}", "max_steps=2",
                        "progress=false", "data.batch_size=4", "stage.causal_ode=true"]) == 0
     world = runs / "world.safetensors"
     timings = json.loads((runs / "pipeline_timings.json").read_text())
@@ -33,19 +33,19 @@ def test_record_train_all_evaluate_play(tmp_path: Path) -> None:
     check_shippable(world, data)
     # The DMD variants with ar scores run from the same exports; a wrong score export exits 2.
     for variant in ("ar", "teacher_ar_guidance"):
-        dmd = ["stage=dmd", f"data={data}", "model=tiny", f"runs_root={runs}", "steps=5", "progress=false",
+        dmd = ["stage=dmd", f"data={data}", "model=tiny", f"runs_root={runs}", "max_steps=5", "progress=false",
                "data.batch_size=4", f"stage.real_score={variant}", f"run_dir={tmp_path / variant}"]
         assert train_main(dmd) == 0  # 5 steps: a generator update and critic updates
         assert (tmp_path / variant / "export" / "world.safetensors").exists()
         assert train_main([*dmd, f"stage.ar={runs / 'teacher' / 'export'}"]) == 2
     # A context teacher and the DMD whose scores see the context clean; the plain teacher is refused.
     common = [f"data={data}", "model=tiny", f"runs_root={runs}", "progress=false", "data.batch_size=4"]
-    assert train_main(["stage=teacher", *common, "steps=2", "stage.context_frames=2",
+    assert train_main(["stage=teacher", *common, "max_steps=2", "stage.context_frames=2",
                        f"run_dir={tmp_path / 'teacher_ctx'}"]) == 0
     export = tmp_path / "teacher_ctx" / "export"
     assert json.loads((export / "dit.json").read_text())["context_frames"] == 2
     assert load_world(export / "world.safetensors").info["context_frames"] == 2
-    dmd = ["stage=dmd", *common, "steps=5", "stage.clean_context=true", f"run_dir={tmp_path / 'clean'}"]
+    dmd = ["stage=dmd", *common, "max_steps=5", "stage.clean_context=true", f"run_dir={tmp_path / 'clean'}"]
     assert train_main([*dmd, f"stage.teacher={export}"]) == 0
     assert train_main(dmd) == 2
     assert train_main(["stage=teacher", *common, "stage.context_frames=8", f"run_dir={tmp_path / 'bad'}"]) == 2

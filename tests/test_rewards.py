@@ -152,9 +152,9 @@ def test_rewards_stage_runs_through_the_loop_and_exports(tmp_path: Path) -> None
     data = tmp_path / "data"
     write_rewarded_dataset(data)
     common = [f"data={data}", "model=tiny", f"runs_root={tmp_path / 'runs'}", "progress=false", "device=cpu"]
-    assert train_main(["stage=tokenizer", "steps=1", "data.batch_size=4", "stage.norm_batches=1",
+    assert train_main(["stage=tokenizer", "max_steps=1", "data.batch_size=4", "stage.norm_batches=1",
                        *common]) == 0
-    assert train_main(["stage=rewards", "steps=3", "data.batch_size=4", "data.clip_len=4", "stage.hidden=16",
+    assert train_main(["stage=rewards", "max_steps=3", "data.batch_size=4", "data.clip_len=4", "stage.hidden=16",
                        "stage.eval_batches=2", "eval_every=3", *common]) == 0
     export = tmp_path / "runs" / "rewards" / "export"
     meta = json.loads((export / "reward.json").read_text())

@@ -22,10 +22,10 @@ from train.objectives import available_stages, get_objective
 @pytest.mark.parametrize("stage", options("stage"))
 @pytest.mark.parametrize("model", options("model"))
 def test_every_stage_and_model_composes_with_steps(stage: str, model: str, tmp_path: Path) -> None:
-    cfg = compose_config([f"stage={stage}", f"model={model}", "data=synthetic", "steps=2",
+    cfg = compose_config([f"stage={stage}", f"model={model}", "data=synthetic", "max_steps=2",
                           f"runs_root={tmp_path}"])
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    assert resolved["steps"] == 2 and resolved["stage"]["name"] == stage
+    assert resolved["max_steps"] == 2 and resolved["stage"]["name"] == stage
     assert resolved["run_dir"].startswith(f"{tmp_path}/{stage}")  # a stage may name variants' dirs
     if stage in available_stages():  # the stage's YAML fits its config dataclass (types, names)
         cls = get_objective(stage)
@@ -45,10 +45,10 @@ def test_data_dir_shorthand(tmp_path: Path) -> None:
     (["stage=tokenizer", "data=synthetic", "init_from=no/such/export"], "no/such/export, which does not exist"),
     (["stage=tokenizer", "data=synthetic", "stepz=3"], "bad override"),
     (["stage=tokenizer", "steps"], "arguments must be key=value"),
-    (["stage=tokenizer", "data=synthetic", "steps=0"], "steps=0 must be at least 1"),
-    (["stage=tokenizer", "data=synthetic", "steps=-1"], "steps=-1 must be at least 1"),
-    (["stage=tokenizer", "data=synthetic", "steps=abc"], "steps=abc is not a whole number"),
-    (["stage=all", "data=synthetic", "stage.steps.dmd=0"], "steps=0 must be at least 1"),
+    (["stage=tokenizer", "data=synthetic", "max_steps=0"], "max_steps=0 must be at least 1"),
+    (["stage=tokenizer", "data=synthetic", "max_steps=-1"], "max_steps=-1 must be at least 1"),
+    (["stage=tokenizer", "data=synthetic", "max_steps=abc"], "max_steps=abc is not a whole number"),
+    (["stage=all", "data=synthetic", "stage.max_steps.dmd=0"], "max_steps=0 must be at least 1"),
     (["stage=tokenizer", "data=synthetic", "ckpt_minutes=-1"], "ckpt_minutes=-1.0 must be 0 or more"),
     (["stage=tokenizer", "data=synthetic", "dtype=f16"], "dtype=f16 is not one of"),
     (["stage=tokenizer", "data=synthetic", "device=gpu"], "device=gpu is not a device"),
@@ -61,9 +61,9 @@ def test_bad_input_gets_one_clear_message(argv: list[str], message: str, tmp_pat
 
 
 def test_bad_loop_values_stop_before_any_work(tmp_path: Path, capsys) -> None:
-    # steps=0 used to exit 0 with an untrained export
-    assert main(["stage=tokenizer", "data=synthetic", f"run_dir={tmp_path / 'run'}", "steps=0"]) == 2
-    assert "pass e.g. steps=1000" in capsys.readouterr().err
+    # max_steps=0 used to exit 0 with an untrained export
+    assert main(["stage=tokenizer", "data=synthetic", f"run_dir={tmp_path / 'run'}", "max_steps=0"]) == 2
+    assert "pass e.g. max_steps=1000" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
 
@@ -85,7 +85,7 @@ def test_cli_subprocess_exit_code_without_traceback(tmp_path: Path) -> None:
     assert out.returncode == 2
     assert "unknown stage 'nope'" in out.stderr and "Traceback" not in out.stderr
     assert list(tmp_path.iterdir()) == []  # nothing written to the working directory
-    for bad in ("steps=abc", "device=cuda"):  # a traceback inside tqdm / torch.cuda before
+    for bad in ("max_steps=abc", "device=cuda"):  # a traceback inside tqdm / torch.cuda before
         out = subprocess.run([sys.executable, "-m", "train", "stage=tokenizer", "data=synthetic", bad,
                               f"runs_root={tmp_path}"], capture_output=True, text=True, cwd=tmp_path,
                              timeout=120, env={**os.environ, "CUDA_VISIBLE_DEVICES": "",
@@ -97,7 +97,7 @@ def test_cli_subprocess_exit_code_without_traceback(tmp_path: Path) -> None:
 def test_cli_sigterm_checkpoints_exports_and_exits_143(tmp_path: Path) -> None:
     run = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "train", "stage=tokenizer", "data=synthetic", "model=tiny",
-                             f"run_dir={run}", "steps=100000", "log_every=1", "progress=false", "device=cpu"],
+                             f"run_dir={run}", "max_steps=100000", "log_every=1", "progress=false", "device=cpu"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
                             env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     log = run / "metrics.jsonl"
@@ -115,18 +115,18 @@ def test_cli_sigterm_checkpoints_exports_and_exits_143(tmp_path: Path) -> None:
 def test_stage_all_routes_per_stage_options(tmp_path: Path) -> None:
     from train.pipeline import split_stage_options, stage_overrides
 
-    argv = ["stage=all", "data=synthetic", "steps=3", "dmd.ema_start=50", "causal_ode.trajectories=16",
-            "stage.steps.teacher=7", f"runs_root={tmp_path}"]
+    argv = ["stage=all", "data=synthetic", "max_steps=3", "dmd.ema_start=50", "causal_ode.trajectories=16",
+            "stage.max_steps.teacher=7", f"runs_root={tmp_path}"]
     common, own = split_stage_options(argv)
     assert own == {"dmd": ["stage.ema_start=50"], "causal_ode": ["stage.trajectories=16"]}
     cfg = compose_config(common)
     dmd = stage_overrides(common, "dmd", cfg, own)
-    assert "stage=dmd" in dmd and "stage.ema_start=50" in dmd and "steps=3" in dmd
+    assert "stage=dmd" in dmd and "stage.ema_start=50" in dmd and "max_steps=3" in dmd
     assert not any(o.startswith("stage.trajectories") for o in dmd)
     assert OmegaConf.to_container(compose_config(dmd), resolve=True)["stage"]["ema_start"] == 50
     # stage.steps.<name> still sets that stage's length when no global steps= is given
-    teacher = stage_overrides([a for a in common if a != "steps=3"], "teacher", cfg, own)
-    assert "steps=7" in teacher
+    teacher = stage_overrides([a for a in common if a != "max_steps=3"], "teacher", cfg, own)
+    assert "max_steps=7" in teacher
 
 
 def test_stage_all_stops_after_a_paused_stage_and_checks_options_first(tmp_path: Path) -> None:

@@ -88,6 +88,6 @@ def test_training_skips_the_held_out_episodes(tmp_path: Path) -> None:
 def test_tokenizer_stage_runs_on_a_recorded_dataset(tmp_path: Path) -> None:
     write_dataset(tmp_path / "data")
     argv = ["stage=tokenizer", f"data={tmp_path / 'data'}", "model=tiny", f"runs_root={tmp_path / 'runs'}",
-            "steps=2", "data.batch_size=4", "stage.norm_batches=1", "progress=false", "device=cpu"]
+            "max_steps=2", "data.batch_size=4", "stage.norm_batches=1", "progress=false", "device=cpu"]
     assert main(argv) == 0
     assert (tmp_path / "runs" / "tokenizer" / "export" / "tokenizer.safetensors").exists()

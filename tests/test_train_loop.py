@@ -110,7 +110,7 @@ def toy_cfg(run_dir: Path, *overrides: str, **stage):
 
 def test_known_gradient_alternation_and_ema(tmp_path: Path) -> None:
     lr = 0.01
-    train(toy_cfg(tmp_path / "run", "steps=10", "grad_accum=2", "eval_every=10", lr=lr))
+    train(toy_cfg(tmp_path / "run", "max_steps=10", "grad_accum=2", "eval_every=10", lr=lr))
     toy = Toy.last
     # updates(): the generator on steps 0 and 5 (before the critic), the critic on every step;
     # each update draws grad_accum=2 micro-batches.
@@ -143,7 +143,7 @@ def test_skip_grad_norm_drops_the_spiked_update_only(tmp_path: Path) -> None:
     sqrt(3) * 1000 at step 5. With skip_grad_norm=10 that update is dropped: no Adam step, no
     update count, no EMA update; the other three each move the weights by +lr."""
     lr = 0.01
-    train(toy_cfg(tmp_path / "run", "steps=20", lr=lr, spike_at=5, gen_skip=10.0, ema_start=100))
+    train(toy_cfg(tmp_path / "run", "max_steps=20", lr=lr, spike_at=5, gen_skip=10.0, ema_start=100))
     toy = Toy.last
     assert [s for s, n in toy.calls if n == "gen"] == [0, 5, 10, 15]
     assert torch.allclose(toy.gen.weight, torch.full((1, 3), 3 * lr), atol=1e-6)
@@ -154,7 +154,7 @@ def test_skip_grad_norm_drops_the_spiked_update_only(tmp_path: Path) -> None:
     assert skipped == {0: 0.0, 5: 1.0, 10: 0.0, 15: 0.0}
     # Without the guard the spike is taken and lingers in Adam's second moment, shrinking every
     # later step: the same run lands where a plain AdamW fed gradients -1, -1000, -1, -1 does.
-    train(toy_cfg(tmp_path / "plain", "steps=20", lr=lr, spike_at=5, ema_start=100))
+    train(toy_cfg(tmp_path / "plain", "max_steps=20", lr=lr, spike_at=5, ema_start=100))
     w = torch.zeros(3, requires_grad=True)
     ref = torch.optim.AdamW([w], lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
     for g in (-1.0, -1000.0, -1.0, -1.0):
@@ -213,7 +213,7 @@ def assert_same(a, b, path: str = "") -> None:
 
 
 def test_resume_is_bit_exact(tmp_path: Path) -> None:
-    common = ("steps=12", "ckpt_every=4", "keep_ckpts=2", "grad_accum=2")
+    common = ("max_steps=12", "ckpt_every=4", "keep_ckpts=2", "grad_accum=2")
     train(toy_cfg(tmp_path / "whole", *common))
     with pytest.raises(Crash):  # killed during step 10: the newest checkpoint is step 8
         train(toy_cfg(tmp_path / "resumed", *common, crash_at=10))
@@ -232,7 +232,7 @@ def test_resume_is_bit_exact(tmp_path: Path) -> None:
 
 
 def test_sigterm_stops_after_the_step_with_checkpoint_and_export_then_resumes_bit_exact(tmp_path: Path) -> None:
-    common = ("steps=12", "ckpt_every=100", "grad_accum=2")
+    common = ("max_steps=12", "ckpt_every=100", "grad_accum=2")
     train(toy_cfg(tmp_path / "whole", *common))
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(Stopped) as stopped:  # the signal arrives inside step 6 (0-based): 7 steps done
@@ -253,7 +253,7 @@ def test_second_ctrl_c_stops_at_once(tmp_path: Path) -> None:
     # only the periodic checkpoint (step 4) is on disk and nothing is exported.
     before = signal.getsignal(signal.SIGINT)
     with pytest.raises(KeyboardInterrupt):
-        train(toy_cfg(tmp_path / "run", "steps=12", "ckpt_every=4", "grad_accum=2",
+        train(toy_cfg(tmp_path / "run", "max_steps=12", "ckpt_every=4", "grad_accum=2",
                       signal_at=5, signal_name="SIGINT"))
     assert load_checkpoint(latest_checkpoint(tmp_path / "run"))["step"] == 4
     assert not (tmp_path / "run" / "export").exists()
@@ -275,7 +275,7 @@ def _worker(rank: int, world: int, port: int, run_root: str, out: str) -> None:
     torch.set_num_threads(1)
     result = {}
     for parallel in ("ddp", "fsdp"):
-        train(toy_cfg(Path(run_root) / parallel, "steps=6", "ckpt_every=3", f"parallel={parallel}"))
+        train(toy_cfg(Path(run_root) / parallel, "max_steps=6", "ckpt_every=3", f"parallel={parallel}"))
         toy = Toy.last
         # Under FSDP the live weights are shards: compare the gathered (checkpointed) ones.
         ck = load_checkpoint(latest_checkpoint(Path(run_root) / parallel))
@@ -306,13 +306,13 @@ def test_two_process_ddp_and_fsdp_keep_ranks_identical(tmp_path: Path) -> None:
 
 def test_max_minutes_stops_exports_and_resumes(tmp_path: Path) -> None:
     # A deadline already passed after the first step: checkpoint + export at step 1, not 6.
-    train(toy_cfg(tmp_path / "run", "steps=6", "max_minutes=1e-9", lr=0.01))
+    train(toy_cfg(tmp_path / "run", "max_steps=6", "max_minutes=1e-9", lr=0.01))
     assert load_checkpoint(latest_checkpoint(tmp_path / "run"))["step"] == 1
     assert (tmp_path / "run" / "export" / "toy.pt").exists()
     first = json.loads((tmp_path / "run" / "export" / "wallclock.json").read_text())
     assert first["steps"] == 1 and first["seconds"] > 0
     # The same command without the deadline resumes from there and runs the remaining 5 steps.
-    train(toy_cfg(tmp_path / "run", "steps=6", lr=0.01))
+    train(toy_cfg(tmp_path / "run", "max_steps=6", lr=0.01))
     assert [s for s, n in Toy.last.calls if n == "critic"] == [1, 2, 3, 4, 5]
     assert load_checkpoint(latest_checkpoint(tmp_path / "run"))["step"] == 6
     total = json.loads((tmp_path / "run" / "export" / "wallclock.json").read_text())
@@ -325,12 +325,12 @@ def test_max_minutes_stops_exports_and_resumes(tmp_path: Path) -> None:
 def test_checkpoint_by_time_before_ckpt_every(tmp_path: Path) -> None:
     # ckpt_every is never reached before the kill: only the clock can save the work
     with pytest.raises(Crash):
-        train(toy_cfg(tmp_path / "timed", "steps=12", "ckpt_every=500", "ckpt_minutes=1e-9", crash_at=4))
+        train(toy_cfg(tmp_path / "timed", "max_steps=12", "ckpt_every=500", "ckpt_minutes=1e-9", crash_at=4))
     assert load_checkpoint(latest_checkpoint(tmp_path / "timed"))["step"] == 4
     with pytest.raises(Crash):  # a threshold not yet reached writes nothing
-        train(toy_cfg(tmp_path / "untimed", "steps=12", "ckpt_every=500", "ckpt_minutes=60", crash_at=4))
+        train(toy_cfg(tmp_path / "untimed", "max_steps=12", "ckpt_every=500", "ckpt_minutes=60", crash_at=4))
     assert latest_checkpoint(tmp_path / "untimed") is None
-    train(toy_cfg(tmp_path / "timed", "steps=12", "ckpt_every=500"))  # resumes from step 4
+    train(toy_cfg(tmp_path / "timed", "max_steps=12", "ckpt_every=500"))  # resumes from step 4
     assert [s for s, n in Toy.last.calls if n == "critic"] == list(range(4, 12))
 
 
@@ -352,13 +352,13 @@ def test_checkpoint_clock_restarts_after_each_checkpoint(tmp_path: Path, monkeyp
 
     monkeypatch.setattr(loop, "time", Clock)
     monkeypatch.setattr(Toy, "updates", lambda self, step: (tick(), ["critic"])[1])
-    train(toy_cfg(tmp_path / "run", "steps=7", "ckpt_every=500", "ckpt_minutes=2.5", "keep_ckpts=0"))
+    train(toy_cfg(tmp_path / "run", "max_steps=7", "ckpt_every=500", "ckpt_minutes=2.5", "keep_ckpts=0"))
     # due after 3 minutes without one (steps 3 and 6), and the last step always
     assert [load_checkpoint(p)["step"] for p in list_checkpoints(tmp_path / "run")] == [3, 6, 7]
 
 
 def test_truncated_latest_checkpoint_falls_back_to_the_older_one(tmp_path: Path, capsys) -> None:
-    common = ("steps=12", "ckpt_every=4", "keep_ckpts=3")
+    common = ("max_steps=12", "ckpt_every=4", "keep_ckpts=3")
     train(toy_cfg(tmp_path / "whole", *common))
     with pytest.raises(Crash):
         train(toy_cfg(tmp_path / "run", *common, crash_at=10))
@@ -379,10 +379,10 @@ def test_truncated_latest_checkpoint_falls_back_to_the_older_one(tmp_path: Path,
 
 
 def test_no_readable_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
-    train(toy_cfg(tmp_path / "run", "steps=4", "ckpt_every=2"))
+    train(toy_cfg(tmp_path / "run", "max_steps=4", "ckpt_every=2"))
     for path in list_checkpoints(tmp_path / "run"):
         path.write_bytes(b"not a checkpoint")
     with pytest.raises(UsageError, match=r"no readable checkpoint in .*step_00000002\.pt, step_00000004\.pt"
                                          r".*run_dir="):
-        train(toy_cfg(tmp_path / "run", "steps=6"))
+        train(toy_cfg(tmp_path / "run", "max_steps=6"))
     assert len(list_checkpoints(tmp_path / "run")) == 2  # nothing renamed or deleted

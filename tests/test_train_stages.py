@@ -46,6 +46,33 @@ def test_bump_weighting_multiplies_per_frame_errors():
     torch.testing.assert_close(loss, expected)
 
 
+def test_motion_term_adds_the_loss_over_moving_latents_only():
+    """Frames 0-1 differ in one latent (a 'ball' that moves), frames 1-2 are equal, 2-3 differ in
+    another: the motion term is motion x the mean error over exactly those latents, per frame."""
+    dit = small_dit()
+    x0 = torch.zeros(1, 4, 2, 2, 3)
+    x0[0, 0, 0, 0] = 2.0          # frame 0 -> 1: latent (0, 0) changes
+    x0[0, 3, 1, 1] = -2.0         # frame 2 -> 3: latent (1, 1) changes
+    sigma = torch.full((1, 4), 0.5)
+    actions = torch.zeros(1, 4, dtype=torch.long)
+    torch.manual_seed(5)
+    plain, logs0 = flow_matching_loss(dit, x0, actions, sigma, "uniform", 3.0)
+    torch.manual_seed(5)
+    loss, logs = flow_matching_loss(dit, x0, actions, sigma, "uniform", 3.0, motion=4.0, motion_threshold=0.5)
+    torch.manual_seed(5)
+    err = (torch.randn_like(x0) - x0).pow(2).mean(dim=4)[0]       # (F, h, w): a fresh model's v = 0
+    moving = [err[0, 0, 0], err[1, 0, 0], err[2, 1, 1], err[3, 1, 1]]  # one moving latent per frame
+    torch.testing.assert_close(plain, err.mean())
+    torch.testing.assert_close(loss, err.mean() + 4.0 * torch.stack(moving).mean())
+    torch.testing.assert_close(logs["flow"], plain)                   # validation reads the plain loss
+    torch.testing.assert_close(logs["moving_frac"], torch.tensor(4 / 16))
+    # a static clip has no moving latent: the term adds nothing
+    torch.manual_seed(5)
+    static, _ = flow_matching_loss(dit, torch.zeros_like(x0), actions, sigma, "uniform", 3.0, motion=4.0)
+    torch.manual_seed(5)
+    torch.testing.assert_close(static, torch.randn_like(x0).pow(2).mean())
+
+
 def test_teacher_forcing_loss_gradient_reaches_clean_context_only_from_later_frames():
     """d loss_i / d clean_j is zero for j >= i (frame-wise): the mask really is causal."""
     from tests.conftest import randomize
@@ -72,7 +99,7 @@ def test_action_dropout_drops_whole_clips():
 
 def test_tokenizer_teacher_ar_pipeline_exports_a_playable_world(tmp_path):
     runs = tmp_path / "runs"
-    common = ["data=synthetic", "model=tiny", f"runs_root={runs}", "steps=2", "progress=false",
+    common = ["data=synthetic", "model=tiny", f"runs_root={runs}", "max_steps=2", "progress=false",
               "data.synthetic.episodes=4", "data.synthetic.episode_len=24"]
     assert train_main(["stage=tokenizer", *common]) == 0
     assert train_main(["stage=teacher", "stage.num_actions=4", "data.batch_size=2", *common]) == 0

@@ -24,7 +24,7 @@ STEPS = 24
 def tokenizer_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("runs")
     cfg = compose_config([
-        "stage=tokenizer", "data=synthetic", "model=tiny", f"runs_root={root}", f"steps={STEPS}",
+        "stage=tokenizer", "data=synthetic", "model=tiny", f"runs_root={root}", f"max_steps={STEPS}",
         "stage.lr=3e-3", "stage.warmup_steps=5", "stage.norm_batches=2", "data.batch_size=12",
         "eval_every=12", "log_every=4", "progress=false", "device=cpu"])
     return train(cfg)
@@ -103,7 +103,7 @@ def test_motion_term_sees_a_ball_that_the_foreground_term_drowns() -> None:
 
 def test_motion_term_needs_clips_of_two_frames(tmp_path: Path) -> None:
     cfg = compose_config(["stage=tokenizer", "data=synthetic", "model=tiny", f"runs_root={tmp_path}",
-                          "steps=1", "stage.motion=4", "data.clip_len=1", "progress=false", "device=cpu"])
+                          "max_steps=1", "stage.motion=4", "data.clip_len=1", "progress=false", "device=cpu"])
     with pytest.raises(UsageError, match="data.clip_len=2"):
         train(cfg)
 
@@ -170,7 +170,7 @@ def test_decoder_only_fine_tune_keeps_the_latent_space(tokenizer_run: Path, tmp_
 
     base = tokenizer_run / "export"
     cfg = compose_config([
-        "stage=tokenizer", "data=synthetic", "model=tiny", f"runs_root={tmp_path}", "steps=6",
+        "stage=tokenizer", "data=synthetic", "model=tiny", f"runs_root={tmp_path}", "max_steps=6",
         f"init_from={base}", "stage.decoder_only=true", "stage.lr=3e-3", "stage.warmup_steps=1",
         "data.batch_size=12", "progress=false", "device=cpu"])
     tuned_dir = train(cfg) / "export"
@@ -188,7 +188,7 @@ def test_decoder_only_fine_tune_keeps_the_latent_space(tokenizer_run: Path, tmp_
     swap_decoder(world, tuned_dir)
     assert all(torch.equal(v, b[k]) for k, v in world.tokenizer.state_dict().items())
     other = compose_config([
-        "stage=tokenizer", "data=synthetic", "model=tiny", f"runs_root={tmp_path / 'other'}", "steps=2",
+        "stage=tokenizer", "data=synthetic", "model=tiny", f"runs_root={tmp_path / 'other'}", "max_steps=2",
         "seed=1", "data.batch_size=4", "progress=false", "device=cpu"])
     with pytest.raises(CheckpointError, match="decoder fine-tune"):
         swap_decoder(world, train(other) / "export")

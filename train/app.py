@@ -8,6 +8,7 @@ log files) and every output goes to `run_dir`. `data=<dir>` is short for `data.p
 
 from __future__ import annotations
 
+import re
 import sys
 from importlib.resources import files
 from pathlib import Path
@@ -20,6 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 from episodes.reader import DatasetError
 from train import UsageError
 from train.interrupt import Stopped
+from train.configs import register_stage_schemas
 from train.help import describe
 from train.loop import LoopConfig, loop_config, train
 from train.objectives import get_objective
@@ -31,11 +33,11 @@ USAGE = """usage: python -m train stage=<stage> data=<dataset dir | synthetic> m
   stage   one of: {stages}
   data    a directory written by `python -m record`, or one of: {data}
   model   one of: {models}
-  common overrides: steps=<n> run_dir=<dir> runs_root=<dir> init_from=<export dir> device=cpu|cuda
+  common overrides: max_steps=<n> (training updates) run_dir=<dir> runs_root=<dir> init_from=<export dir> device=cpu|cuda
                     dtype=auto|bf16|fp32 grad_accum=<n> ckpt_every=<n> ckpt_minutes=<m> eval_every=<n>
                     seed=<n> (a checkpoint every ckpt_every steps and at least every ckpt_minutes)
                     max_minutes=<m> (checkpoint + export after m minutes; rerun to go on)
-  stage=all: stage.steps.<stage>=<n> sets one stage's length, <stage>.<key>=<v> one stage's option
+  stage=all: stage.max_steps.<stage>=<n> sets one stage's length, <stage>.<key>=<v> one stage's option
              (e.g. dmd.ema_start=50 causal_ode.trajectories=256)
   --cfg   print the composed config and exit
 Rerunning the same command resumes from the newest checkpoint in run_dir.
@@ -45,13 +47,41 @@ Multi-GPU: torchrun --nproc-per-node=<n> -m train ... (parallel=ddp|fsdp)."""
 def options(group: str) -> list[str]:
     """The choices of one config group: the YAML files in train/configs/<group>/."""
     return sorted(p.name[:-5] for p in files("train.configs").joinpath(group).iterdir()
-                  if p.name.endswith(".yaml"))
+                  if p.name.endswith(".yaml") and not p.name.startswith("_"))  # _base: shared part
+
+
+# Old spellings that still work, with a note naming the new key: `steps` was both the training
+# length and (as stage.steps) DMD's denoising steps; training length is `max_steps` now.
+RENAMED = {"steps": "max_steps", "stage.steps.": "stage.max_steps."}
+
+
+def renamed(key: str) -> str | None:
+    """The new spelling of an old config key, or None."""
+    if key in RENAMED:
+        return RENAMED[key]
+    old = next((k for k in RENAMED if k.endswith(".") and key.startswith(k)), None)
+    return RENAMED[old] + key[len(old):] if old else None
+
+
+def rename_old_keys(overrides: list[str]) -> list[str]:
+    """Old key spellings mapped to their new names, with a deprecation note on stderr."""
+    out = []
+    for o in overrides:
+        key, eq, value = o.partition("=")
+        new = renamed(key) if eq else None
+        if new is not None:
+            print(f"note: {key}= is now {new}= (training updates; `steps` is kept for denoising "
+                  f"steps); the old name still works for now", file=sys.stderr)
+            o = f"{new}={value}"
+        out.append(o)
+    return out
 
 
 def normalize_overrides(overrides: list[str]) -> list[str]:
-    """Check the group choices (naming the valid ones) and expand `data=<dir>` to data.path."""
+    """Check the group choices (naming the valid ones), expand `data=<dir>` to data.path and
+    map old key spellings to their new names."""
     out = []
-    for o in overrides:
+    for o in rename_old_keys(overrides):
         key, _, value = o.partition("=")
         if key in ("stage", "model") and value not in options(key):
             raise UsageError(f"unknown {key} {value!r}; choose one of {options(key)}, "
@@ -65,10 +95,16 @@ def normalize_overrides(overrides: list[str]) -> list[str]:
 
 def compose_config(overrides: list[str]) -> DictConfig:
     """The composed, not yet resolved, config for these command-line overrides."""
+    register_stage_schemas()
     try:
         with initialize_config_module(config_module="train.configs", version_base="1.3"):
             return compose(config_name="config", overrides=normalize_overrides(overrides))
     except (HydraException, OmegaConfBaseException) as e:
+        key = re.search(r"Could not override '(stage\.[\w.]+)'", str(e))
+        if key:  # not "use +stage.x": a stage key that is not in the stage's dataclass is a typo
+            stage = next((o.partition("=")[2] for o in overrides if o.startswith("stage=")), "<stage>")
+            raise UsageError(f"{key.group(1)} is not an option of stage={stage}; "
+                             f"`python -m train --help stage={stage}` lists them") from None
         raise UsageError(f"bad override in {overrides}: {e}") from None
 
 
@@ -103,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         bad = [a for a in argv if "=" not in a]
         if bad:
             raise UsageError(f"arguments must be key=value, got {bad}; see python -m train --help")
+        argv = rename_old_keys(argv)
         own: dict[str, list[str]] = {}
         if "stage=all" in argv:  # <stage>.<key>=V options go to that stage only
             argv, own = split_stage_options(argv)

@@ -12,25 +12,38 @@ import inspect
 import re
 
 _FIELD = re.compile(r"^\s+(\w+)\s*:\s*[^=#]+?(?:=\s*(?P<default>[^#]+?))?\s*(?:#\s*(?P<doc>.*))?$")
-_MORE = re.compile(r"^\s+#\s*(?P<doc>.*)$")
+_MORE = re.compile(r"^\s+#(?P<gap>\s*)(?P<doc>.*)$")
 
 
 def field_docs(cls: type) -> dict[str, str]:
-    """{field: its comment} from the class source (a comment on the following ``#`` lines goes on)."""
+    """{field: its comment}, read from the source of ``cls`` and its dataclass bases (a base's
+    field documented there keeps its words). A ``#`` line indented to the comment column goes on
+    the field above; a block of ``#`` lines above a field without a comment of its own is its doc."""
     docs: dict[str, str] = {}
-    last = None
+    for klass in reversed([c for c in cls.__mro__ if dataclasses.is_dataclass(c)]):
+        docs.update({k: v for k, v in _own_docs(klass).items() if v or k not in docs})
+    return docs
+
+
+def _own_docs(cls: type) -> dict[str, str]:
+    docs: dict[str, str] = {}
+    last, block = None, []
     names = {f.name for f in dataclasses.fields(cls)}
     for line in inspect.getsource(cls).splitlines()[1:]:
         m = _FIELD.match(line)
         if m and m.group(1) in names:
             last = m.group(1)
-            docs[last] = (m.group("doc") or "").strip()
+            docs[last] = (m.group("doc") or "").strip() or " ".join(block)
+            block = []
             continue
         more = _MORE.match(line)
-        if more and last is not None and docs[last]:
-            docs[last] += " " + more.group("doc").strip()
-        else:
+        if more and len(more.group("gap")) >= 4 and last is not None and docs[last]:
+            docs[last] += " " + more.group("doc").strip()   # continuation, in the comment column
+        elif more:
+            block.append(more.group("doc").strip())        # leads the next field
             last = None
+        else:
+            last, block = None, []
     return docs
 
 

@@ -40,7 +40,7 @@ EVAL_SEED_OFFSET = 7919  # evaluation/export batches come from their own stream,
 
 
 def train(cfg: DictConfig) -> Path:
-    """Run (or resume) the stage described by `cfg` to `cfg.steps`; returns the run directory.
+    """Run (or resume) the stage described by `cfg` to `cfg.max_steps`; returns the run directory.
     SIGTERM or Ctrl-C stop it at the end of a step with a checkpoint and the export, then raise
     `Stopped` (train/interrupt.py)."""
     with StopRequest() as stop:
@@ -202,7 +202,7 @@ class _Run:
         flags = [float(lc.max_minutes > 0 and now - t_start > 60 * lc.max_minutes),
                  float(self.stop.signum is not None),
                  float(lc.ckpt_minutes > 0 and now - last_ckpt >= 60 * lc.ckpt_minutes)]
-        if d.enabled and (lc.max_minutes > 0 or done % lc.log_every == 0 or done == lc.steps):
+        if d.enabled and (lc.max_minutes > 0 or done % lc.log_every == 0 or done == lc.max_steps):
             flags = (mean_over_ranks(torch.tensor(flags, device=self.device), d) > 0).tolist()
         elif d.enabled:
             flags = [0.0, 0.0, 0.0]  # every rank skips the same steps, so all keep going together
@@ -267,7 +267,7 @@ class _Run:
             final[name] = gather_full(ema[2].shadow) if started else full_state_dict(net)
         if self.d.rank == 0:
             export(self.objective, final, self.eval_batches(), self.run_dir, self.cfg,
-                   {"steps": done, "of": self.lc.steps, "seconds": seconds})
+                   {"steps": done, "of": self.lc.max_steps, "seconds": seconds})
             plot_metrics(log.read(), self.run_dir / "metrics.png")
         barrier(self.d)
 
@@ -279,12 +279,12 @@ class _Run:
             OmegaConf.save(self.cfg, self.run_dir / "config.yaml", resolve=True)
         log = MetricsLog(self.run_dir / "metrics.jsonl", resume_step=start if start else None) \
             if d.rank == 0 else None
-        bar = tqdm(total=lc.steps, initial=start, disable=d.rank != 0 or not lc.progress, dynamic_ncols=True)
+        bar = tqdm(total=lc.max_steps, initial=start, disable=d.rank != 0 or not lc.progress, dynamic_ncols=True)
         seconds = self.wall_before  # loop time up to the newest checkpoint, summed over calls
         t_start = time.perf_counter()
         last_ckpt = t_start  # when the newest checkpoint was written (resume: as good as now)
         done, signalled = start, False
-        for step in range(start, lc.steps):
+        for step in range(start, lc.max_steps):
             t_step = time.perf_counter()
             for name in self.objective.updates(step):
                 self.update(name, step)
@@ -292,12 +292,12 @@ class _Run:
             self.busy += time.perf_counter() - t_step
             bar.update(1)
             time_up, signalled, ckpt_due = self.agree(done, t_start, last_ckpt)
-            last_step = done == lc.steps or time_up
+            last_step = done == lc.max_steps or time_up
             if done % lc.log_every == 0 or last_step:
                 self.log(done, bar, log)
             # not at a max_minutes stop: evaluation reseeds RNGs, and a paused run must continue
             # exactly as an uninterrupted one would
-            if lc.eval_every and (done % lc.eval_every == 0 or done == lc.steps):
+            if lc.eval_every and (done % lc.eval_every == 0 or done == lc.max_steps):
                 self.evaluate(done, bar, log)
             if done % lc.ckpt_every == 0 or last_step or ckpt_due:
                 seconds = self.wall_before + time.perf_counter() - t_start
@@ -305,7 +305,7 @@ class _Run:
                 last_ckpt = time.perf_counter()
             if time_up:
                 why = "stop requested" if signalled else f"max_minutes={lc.max_minutes:g} reached"
-                bar.write(f"{why} at step {done}/{lc.steps}: exporting; rerun the same command to go on")
+                bar.write(f"{why} at step {done}/{lc.max_steps}: exporting; rerun the same command to go on")
                 break
         bar.close()
         self.export(done, seconds, log)  # the same clock as the resume

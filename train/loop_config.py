@@ -12,9 +12,9 @@ from train.distributed import check_device
 
 @dataclass
 class LoopConfig:
-    """The loop's knobs: top-level keys of the config (`python -m train steps=100 ...`)."""
+    """The loop's knobs: top-level keys of the config (`python -m train max_steps=100 ...`)."""
 
-    steps: int = 1000             # iterations; one iteration = the objective's `updates(step)`
+    max_steps: int = 1000         # training iterations (updates); one iteration = the objective's `updates(step)`
     seed: int = 0
     device: str = "auto"          # auto | cpu | cuda | cuda:<i>
     dtype: str = "auto"           # auto (bf16 where supported, else fp32) | bf16 | fp16 | fp32
@@ -29,18 +29,18 @@ class LoopConfig:
     eval_every: int = 0           # 0 = no periodic evaluation
     progress: bool = True         # progress bar on rank 0
     max_minutes: float = 0.0      # > 0: stop (checkpoint + export) after this long in this call;
-    #                               rerunning the same command resumes towards `steps`
+    #                               rerunning the same command resumes towards `max_steps`
 
 
 # The smallest value each numeric knob may take (what the loop needs to make sense of it).
-_MINIMUM = {"steps": 1, "grad_accum": 1, "ckpt_every": 1, "log_every": 1, "keep_ckpts": 0,
+_MINIMUM = {"max_steps": 1, "grad_accum": 1, "ckpt_every": 1, "log_every": 1, "keep_ckpts": 0,
             "eval_every": 0, "max_minutes": 0, "ckpt_minutes": 0}
 _CHOICES = {"dtype": ("auto", "bf16", "fp16", "fp32"), "parallel": ("ddp", "fsdp")}
 
 
 def loop_config(cfg: DictConfig) -> LoopConfig:
-    """The loop's knobs from the config, checked: hydra passes `steps=abc` through as a string
-    and `steps=0` as a number, and either would otherwise fail deep inside the loop (or export an
+    """The loop's knobs from the config, checked: hydra passes `max_steps=abc` through as a string
+    and `max_steps=0` as a number, and either would otherwise fail deep inside the loop (or export an
     untrained model). Raises UsageError naming the key and a valid value."""
     values = {}
     for f in fields(LoopConfig):

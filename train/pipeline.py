@@ -7,8 +7,8 @@ continues an interrupted one), each initialised from the previous stage's export
 DMD student with the reward heads attached, the dataset's action names, keymap, game and fps, and
 real context frames, so ``play.py --checkpoint`` and the env load it with nothing else.
 
-Every override on the command line goes to every stage (``steps=5`` makes a smoke run);
-``stage.steps.<name>=N`` sets one stage's length; ``<name>.<key>=V`` sets one stage's own option
+Every override on the command line goes to every stage (``max_steps=5`` makes a smoke run);
+``stage.max_steps.<name>=N`` sets one stage's length; ``<name>.<key>=V`` sets one stage's own option
 (``dmd.ema_start=50`` becomes ``stage.ema_start=50`` for the dmd stage only);
 ``stage.causal_ode=true`` adds the baseline.
 """
@@ -50,9 +50,9 @@ def stage_overrides(argv: list[str], name: str, cfg: DictConfig,
     out = [a for a in argv if not a.startswith(("stage=", "stage."))]
     out.append(f"stage={name}")
     out += (own or {}).get(name, [])
-    steps = (cfg.stage.get("steps") or {}).get(name)
-    if steps is not None and not any(a.startswith("steps=") for a in argv):
-        out.append(f"steps={steps}")
+    steps = (cfg.stage.get("max_steps") or {}).get(name)
+    if steps is not None and not any(a.startswith("max_steps=") for a in argv):
+        out.append(f"max_steps={steps}")
     return out
 
 

@@ -97,6 +97,28 @@ class OptimSpec:
 
 
 @dataclass
+class AdamWConfig:
+    """The optimizer knobs every stage has (``stage.betas=[0.9,0.99] stage.grad_clip=1.0`` ...),
+    declared once. Each stage's config dataclass inherits them and redeclares a default only where
+    its recipe differs; it adds its own learning rate(s) (``lr``; DMD: ``lr_generator`` and
+    ``lr_critic``), since no two stages share one."""
+
+    betas: tuple[float, float] = (0.9, 0.99)  # AdamW's
+    weight_decay: float = 0.01      # AdamW's, on matrices and kernels only
+    grad_clip: float | None = 1.0   # max global grad norm (null: no clipping)
+    warmup_steps: int = 0           # updates over which the learning rate ramps up linearly
+    skip_grad_norm: float | None = None  # skip updates whose grad norm is >= this (null: never; 10 guards spikes)
+
+    def adamw(self, network: str, lr: float, ema: tuple[EMASpec, ...] = (),
+              warmup: bool = True) -> OptimSpec:
+        """The OptimSpec of one network trained with these knobs at ``lr``."""
+        return OptimSpec(networks=(network,), lr=lr, betas=tuple(self.betas),
+                         weight_decay=self.weight_decay, grad_clip=self.grad_clip,
+                         skip_grad_norm=self.skip_grad_norm,
+                         warmup_steps=self.warmup_steps if warmup else 0, ema=ema)
+
+
+@dataclass
 class TrainContext:
     """What an objective may know about where it runs. Built once by the loop."""
 

@@ -24,6 +24,7 @@ from worldmodel import diffusion
 @dataclass
 class ARConfig(DiTStageConfig):
     lr: float = 1e-4
+    warmup_steps: int = 100
     frames_per_block: int = 1
 
 
@@ -41,4 +42,5 @@ class ARObjective(DiTStage):
 
     def flow_loss(self, dit, x0, actions, sigma):
         return flow_matching_loss(dit, x0, actions, sigma, self.cfg.loss_weighting, self.cfg.shift,
-                                  clean=x0)
+                                  clean=x0, motion=self.cfg.motion,
+                                  motion_threshold=self.cfg.motion_threshold)

@@ -36,7 +36,7 @@ from torch.distributed.tensor import DTensor
 from tensordict import TensorDict
 
 from train.distill import consistency_loss, consistency_target, teacher_cfg_euler_step
-from train.objectives import Logs, Objective, OptimSpec, TrainContext, register
+from train.objectives import AdamWConfig, Logs, Objective, OptimSpec, TrainContext, register
 from train.objectives._dit import (StageError, load_dit_weights, read_export, save_export,
                                    tokenizer_dir)
 from worldmodel import diffusion
@@ -44,19 +44,15 @@ from worldmodel.dit import DiT, DiTConfig
 
 
 @dataclass
-class CausalCDConfig:
+class CausalCDConfig(AdamWConfig):
     lr: float = 5e-5
-    betas: tuple[float, float] = (0.9, 0.99)
-    weight_decay: float = 0.01
-    grad_clip: float = 10.0
-    warmup_steps: int = 0
+    grad_clip: float | None = 10.0
     ema_decay: float = 0.995       # target network mu (HY15 uses 0.999, the Wan21 configs 0.99)
     grid_points: int = 32          # N
     terminal_pair: bool = True
     guidance: float = 2.5          # teacher CFG, standard form (1 = off)
     shift: float = diffusion.DEFAULT_SHIFT
     frames_per_block: int = 0      # 0: the AR teacher's block size
-    skip_grad_norm: float | None = None  # HY15: 10.0 (skip updates with a grad-norm spike)
     tokenizer: str | None = None
 
 
@@ -93,9 +89,7 @@ class DistilledStudent(Objective):
 
     def optimizers(self) -> dict[str, OptimSpec]:
         c = self.cfg
-        return {"student": OptimSpec(networks=("student",), lr=c.lr, betas=tuple(c.betas),
-                                     weight_decay=c.weight_decay, grad_clip=c.grad_clip,
-                                     skip_grad_norm=c.skip_grad_norm, warmup_steps=c.warmup_steps)}
+        return {"student": c.adamw("student", c.lr)}
 
     def export_weights(self, weights: Mapping[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         return weights["student"]

@@ -25,25 +25,22 @@ import torch.nn as nn
 from tensordict import TensorDict
 
 from train.distill import ode_regression_loss
-from train.objectives import Logs, TrainContext, register
+from train.objectives import AdamWConfig, Logs, TrainContext, register
 from train.objectives._dit import StageError
 from train.objectives.causal_cd import DistilledStudent
 from worldmodel import diffusion, samplers
 
 
 @dataclass
-class CausalODEConfig:
+class CausalODEConfig(AdamWConfig):
     lr: float = 5e-5
     betas: tuple[float, float] = (0.9, 0.999)   # Causal Forcing's ODE-regression betas, unlike CD's
-    weight_decay: float = 0.01
-    grad_clip: float = 10.0
-    warmup_steps: int = 0
+    grad_clip: float | None = 10.0
     grid_points: int = 32          # N Euler steps of the trajectory (must be a multiple of 4)
     guidance: float = 2.5          # same teacher CFG as causal CD, for a fair comparison
     trajectories: int = 1024       # clips whose trajectories are stored, per process
     shift: float = diffusion.DEFAULT_SHIFT
     frames_per_block: int = 0
-    skip_grad_norm: float | None = None  # as causal CD's (HunyuanVideo-1.5 port's guard), off by default
     tokenizer: str | None = None
 
 

@@ -51,7 +51,7 @@ import torch.nn as nn
 from tensordict import TensorDict
 
 from train.distill import critic_flow_loss, dmd_gradient, dmd_loss, dmd_noise_level
-from train.objectives import EMASpec, Logs, Objective, OptimSpec, TrainContext, register
+from train.objectives import AdamWConfig, EMASpec, Logs, Objective, OptimSpec, TrainContext, register
 from train.objectives._dit import StageError, read_export, save_export, tokenizer_dir
 from train.objectives.causal_cd import dit_from_export
 from train.self_rollout import self_rollout
@@ -59,7 +59,7 @@ from worldmodel import diffusion
 
 
 @dataclass
-class DMDConfig:
+class DMDConfig(AdamWConfig):
     steps: int = 2                  # denoising steps of the student (1, 2 or 4)
     frames_per_block: int = 1       # 1 frame-wise; 3 = the chunk-wise baseline
     teacher: str | None = None      # bidirectional teacher export (real score, critic init)
@@ -68,8 +68,7 @@ class DMDConfig:
     lr_generator: float = 1e-5
     lr_critic: float = 2e-6
     betas: tuple[float, float] = (0.0, 0.999)
-    weight_decay: float = 0.01
-    grad_clip: float = 10.0
+    grad_clip: float | None = 10.0
     critic_ratio: int = 5           # critic updates per generator update
     guidance: float = 2.0           # real-score CFG, x0 form (effective standard scale 1 + g)
     ema_decay: float = 0.99
@@ -140,11 +139,9 @@ class DMDObjective(Objective):
     def optimizers(self) -> dict[str, OptimSpec]:
         c = self.cfg
         return {
-            "generator": OptimSpec(networks=("generator",), lr=c.lr_generator, betas=tuple(c.betas),
-                                   weight_decay=c.weight_decay, grad_clip=c.grad_clip,
-                                   ema=(EMASpec("generator", c.ema_decay, c.ema_start),)),
-            "critic": OptimSpec(networks=("critic",), lr=c.lr_critic, betas=tuple(c.betas),
-                                weight_decay=c.weight_decay, grad_clip=c.grad_clip),
+            "generator": c.adamw("generator", c.lr_generator,
+                                 ema=(EMASpec("generator", c.ema_decay, c.ema_start),)),
+            "critic": c.adamw("critic", c.lr_critic),
         }
 
     def updates(self, step: int) -> list[str]:

@@ -46,7 +46,7 @@ from safetensors.torch import load_file, save_file
 from tensordict import TensorDict
 
 from train import UsageError
-from train.objectives import Logs, Objective, OptimSpec, TrainContext, register
+from train.objectives import AdamWConfig, Logs, Objective, OptimSpec, TrainContext, register
 from train.objectives._dit import tokenizer_dir
 from train.objectives.teacher import action_names
 from worldmodel.checkpoint import CheckpointError, load_world, save_world
@@ -58,11 +58,8 @@ SHORT_CLIPS = "stage rewards needs clips of 2 frames or more (a transition): set
 
 
 @dataclass
-class RewardsConfig:
+class RewardsConfig(AdamWConfig):
     lr: float = 1e-3
-    betas: tuple[float, float] = (0.9, 0.99)
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
     warmup_steps: int = 50
     hidden: int = 128                 # RewardHeads width
     balance: str = "oversample"       # "oversample" | "inverse_frequency" | "none" (module docstring)
@@ -241,9 +238,7 @@ class RewardsObjective(Objective):
 
     def optimizers(self) -> dict[str, OptimSpec]:
         c = self.cfg
-        return {"reward": OptimSpec(networks=("reward",), lr=c.lr, betas=tuple(c.betas),
-                                    weight_decay=c.weight_decay, grad_clip=c.grad_clip,
-                                    warmup_steps=c.warmup_steps)}
+        return {"reward": c.adamw("reward", c.lr)}
 
     def weights(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         if self.cfg.balance != "inverse_frequency":

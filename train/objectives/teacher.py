@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 from tensordict import TensorDict
 
-from train.objectives import EMASpec, Logs, Objective, OptimSpec, TrainContext, register
+from train.objectives import AdamWConfig, EMASpec, Logs, Objective, OptimSpec, TrainContext, register
 from train.objectives._dit import (StageError, dit_config, drop_actions, flow_matching_loss,
                                    load_dit_weights, save_export, tokenizer_dir)
 from worldmodel import diffusion
@@ -35,11 +35,8 @@ from worldmodel.dit import DiT
 
 
 @dataclass
-class DiTStageConfig:
+class DiTStageConfig(AdamWConfig):
     lr: float = 3e-4
-    betas: tuple[float, float] = (0.9, 0.99)
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
     warmup_steps: int = 200
     ema_decay: float = 0.999
     ema_start: int = 0
@@ -49,6 +46,8 @@ class DiTStageConfig:
     num_actions: int = 0              # 0: from the dataset's action names
     clip_len: int = 8                 # = data.clip_len: the DiT's training clip length
     tokenizer: str | None = None      # tokenizer export dir (default: data.tokenizer)
+    motion: float = 0.0               # extra weight on latents that move between frames (0 = off;
+    motion_threshold: float = 0.5     # see _dit.flow_matching_loss): |latent change| above this moves
 
 
 @dataclass
@@ -88,10 +87,7 @@ class DiTStage(Objective):
 
     def optimizers(self) -> dict[str, OptimSpec]:
         c = self.cfg
-        return {"dit": OptimSpec(networks=("dit",), lr=c.lr, betas=tuple(c.betas),
-                                 weight_decay=c.weight_decay, grad_clip=c.grad_clip,
-                                 warmup_steps=c.warmup_steps,
-                                 ema=(EMASpec("dit", c.ema_decay, c.ema_start),))}
+        return {"dit": c.adamw("dit", c.lr, ema=(EMASpec("dit", c.ema_decay, c.ema_start),))}
 
     def noise_levels(self, b: int, t: int) -> torch.Tensor:
         raise NotImplementedError
@@ -131,12 +127,14 @@ class DiTStage(Objective):
                 sigma = torch.full(x0.shape[:2], s, device=x0.device)
                 sigma[:, :c] = 0.0
                 torch.manual_seed(i)
-                loss, _ = self.flow_loss(nets["dit"], x0, actions, sigma)
-                out[f"{prefix}val_mse@{s}"] = loss.item()
+                _, logs = self.flow_loss(nets["dit"], x0, actions, sigma)
+                out[f"{prefix}val_mse@{s}"] = logs["flow"].item()   # the plain loss, motion term or not
+                if "mse_moving" in logs:
+                    out[f"{prefix}val_moving_mse@{s}"] = logs["mse_moving"].item()
                 if others is not None:
                     torch.manual_seed(i)
-                    shuffled, _ = self.flow_loss(nets["dit"], x0, others, sigma)
-                    out[f"{prefix}action_gain@{s}"] = shuffled.item() - loss.item()
+                    _, shuffled = self.flow_loss(nets["dit"], x0, others, sigma)
+                    out[f"{prefix}action_gain@{s}"] = shuffled["flow"].item() - logs["flow"].item()
         torch.random.set_rng_state(state)
         return out
 
@@ -177,4 +175,5 @@ class TeacherObjective(DiTStage):
         return {"context_frames": self.cfg.context_frames} if self.cfg.context_frames else {}
 
     def flow_loss(self, dit, x0, actions, sigma):
-        return flow_matching_loss(dit, x0, actions, sigma, self.cfg.loss_weighting, self.cfg.shift)
+        return flow_matching_loss(dit, x0, actions, sigma, self.cfg.loss_weighting, self.cfg.shift,
+                                  motion=self.cfg.motion, motion_threshold=self.cfg.motion_threshold)

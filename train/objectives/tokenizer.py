@@ -34,18 +34,16 @@ from safetensors.torch import load_file, save_file
 from tensordict import TensorDict
 
 from train import UsageError
-from train.objectives import EMASpec, Logs, Objective, OptimSpec, TrainContext, register
+from train.objectives import AdamWConfig, EMASpec, Logs, Objective, OptimSpec, TrainContext, register
 from worldmodel.tokenizer import Tokenizer, TokenizerConfig, tokenizer_config
 
 WEIGHTS, CONFIG = "tokenizer.safetensors", "tokenizer.json"   # file names in the export dir
 
 
 @dataclass
-class TokenizerStageConfig:
+class TokenizerStageConfig(AdamWConfig):
     lr: float = 1e-3
-    betas: tuple[float, float] = (0.9, 0.99)
     weight_decay: float = 0.0
-    grad_clip: float = 1.0
     warmup_steps: int = 100
     ema_decay: float = 0.999
     ema_start: int = 0
@@ -165,10 +163,7 @@ class TokenizerObjective(Objective):
 
     def optimizers(self) -> dict[str, OptimSpec]:
         c = self.cfg
-        return {"tokenizer": OptimSpec(
-            networks=("tokenizer",), lr=c.lr, betas=tuple(c.betas), weight_decay=c.weight_decay,
-            grad_clip=c.grad_clip, warmup_steps=c.warmup_steps,
-            ema=(EMASpec("tokenizer", c.ema_decay, c.ema_start),))}
+        return {"tokenizer": c.adamw("tokenizer", c.lr, ema=(EMASpec("tokenizer", c.ema_decay, c.ema_start),))}
 
     def loss(self, name: str, batch: TensorDict, step: int,
              nets: Mapping[str, nn.Module]) -> tuple[torch.Tensor, Logs]:
