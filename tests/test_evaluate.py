@@ -195,12 +195,13 @@ def test_held_out_split_and_anchors() -> None:
     assert anchors(13, 4, 10, 3) == []
 
 
-def write_dataset(root: Path, episodes: int = 5, length: int = 40, size: int = 32) -> None:
+def write_dataset(root: Path, episodes: int = 5, length: int = 40, size: int = 32,
+                  action_names: tuple[str, ...] = ("noop", "left", "right", "fire")) -> None:
     """A paddle the actions steer and a ball that bounces on its own (so frames always change);
     FIRE gives a reward, the last frame ends the episode."""
     for e in range(episodes):
         rng = np.random.default_rng(e)
-        with EpisodeWriter(root, {"game": "toy", "action_names": ["noop", "left", "right", "fire"]},
+        with EpisodeWriter(root, {"game": "toy", "action_names": list(action_names)},
                            (size, size, 3)) as w:
             x = 10
             for t in range(length):
@@ -324,3 +325,23 @@ def test_cli_entry_point_exit_code(tiny: Path, module: str) -> None:
                        cwd=Path(__file__).resolve().parents[1])
     assert r.returncode == 2 and "Traceback" not in r.stderr and "does not exist" in r.stderr
     assert ("is now `python -m train.eval`" in r.stderr) == (module == "train.evaluate")
+
+
+def test_a_first_person_world_gets_the_play_check_in_metrics_and_table(tmp_path: Path) -> None:
+    """Action names with forward and both turns: the evaluation plays player-like plans from the
+    held-out contexts and the world's reset clips, and reports the play check beside the rest."""
+    names = ["NOOP", "FORWARD", "TURN_LEFT", "TURN_RIGHT"]
+    write_dataset(tmp_path / "data", action_names=tuple(names))
+    world = make_tiny_world(num_actions=4)
+    world.action_names = names
+    world.context_frames, world.context_actions = carried_context()
+    save_world(tmp_path / "world.safetensors", world)
+    out = tmp_path / "out"
+    assert evaluate_main([f"checkpoint={tmp_path / 'world.safetensors'}", f"data={tmp_path / 'data'}",
+                          f"out={out}", *FAST, "play_rollout=40", "game_rollout=0"]) == 0
+    play = json.loads((out / "metrics.json").read_text())["play"]
+    assert play["rollout_frames"] == 40 and play["contexts"] == 2 + 2  # held-out + carried clips
+    assert set(play["passes"]) == {"near_uniform", "one_colour", "sharpness", "turn_back"}
+    assert 0 <= play["world"]["near_uniform_share"] <= 1 and play["real"]["frames"] > 0
+    assert len(play["per_context"]) == 4 and "### Play" in (out / "table.md").read_text()
+    assert (out / "samples" / "play_0.mp4").stat().st_size > 0

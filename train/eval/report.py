@@ -62,6 +62,14 @@ def table_row(name: str, m: dict) -> dict:
     training = m.get("training") or {}
     row["train_min"] = training["seconds"] / 60 if "seconds" in training else None
     row["train_steps"] = training.get("steps")
+    play = m.get("play")
+    if play:
+        w, r = play["world"], play["real"]
+        row.update(play_uniform=w["near_uniform_share"], play_uniform_real=r["near_uniform_share"],
+                   play_colour=w["one_colour_share"], play_colour_real=r["one_colour_share"],
+                   play_sharpness=play["sharpness_ratio"], play_hist=play["colour_distance"],
+                   play_hist_late=play["late_colour_distance"], play_turn_back=play["turn_back_margin_db"],
+                   play_failed=",".join(k for k, v in play["passes"].items() if not v) or "ok")
     game = m.get("game")
     if game:
         w, r = game["world"], game["real"]
@@ -97,6 +105,27 @@ def game_table(rows: list[dict]) -> str:
     lines.append("\nClosed-loop rollouts played by the dataset's own controller reading the world's frames, "
                  "against the held-out episodes (tokenizer: those episodes encoded and decoded, the ceiling); bars: ball shown >= 0.8x real, bricks kept broken (breaks minus restored) >= 0.5x real, "
                  "vanish <= 0.1 per flight (train/eval/game.py).\n")
+    return "\n".join(lines)
+
+
+def play_table(rows: list[dict]) -> str:
+    """The play check as its own table ("" when no row has one)."""
+    rows = [r for r in rows if "play_uniform" in r]
+    if not rows:
+        return ""
+    head = ["checkpoint", "near-uniform frames (real)", "one-colour pixels (real)", "sharpness / real",
+            "colour distance (last quarter)", "turn-back margin dB", "bars failed"]
+    lines = ["\n### Play (player-like keys)\n", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        lines.append("| " + " | ".join([
+            r["name"], f"{_fmt(r['play_uniform'], 3)} ({_fmt(r['play_uniform_real'], 3)})",
+            f"{_fmt(r['play_colour'], 3)} ({_fmt(r['play_colour_real'], 3)})", _fmt(r["play_sharpness"], 2),
+            f"{_fmt(r['play_hist'], 3)} ({_fmt(r['play_hist_late'], 3)})", _fmt(r["play_turn_back"], 2),
+            r["play_failed"]]) + " |")
+    lines.append("\nSeeded bursts of forward, turns and strafes from held-out contexts and every reset clip, "
+                 "against the held-out episodes' frames; bars: near-uniform and one-colour shares within "
+                 "max(2x, +5 points) of real, sharpness >= 0.5x real, turn-back margin > 1 dB "
+                 "(train/eval/play_check.py).\n")
     return "\n".join(lines)
 
 

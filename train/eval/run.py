@@ -3,7 +3,7 @@
     python -m train.eval checkpoint=<world.safetensors> data=<dataset dir> [out=<dir>]
         [episodes=N] [starts=4] [horizons=1,4,16,64] [steps=K] [sampler=few_step|euler]
         [cfg_scale=S] [protocol=auto|engine|joint] [rollout=1000] [drift_contexts=4] [drift_world=true]
-        [game_rollout=600] [game_contexts=8] [videos=4] [batch=16] [probe_steps=1000]
+        [game_rollout=600] [game_contexts=8] [play_rollout=1000] [videos=4] [batch=16] [probe_steps=1000]
         [device=auto|cpu|cuda] [dtype=auto|float32|bfloat16] [seed=0]
     python -m train.eval checkpoints=[a.safetensors,b.safetensors] names=[teacher,dmd-1] \\
         steps=[50,1] sampler=[euler,few_step] data=<dataset dir> out=<dir>
@@ -16,7 +16,10 @@ long random-action rollouts (`rollout` frames from each of `drift_contexts` held
 from each real context clip the world carries for its resets, pooled), speed, and for games with a
 screen reader (Breakout) the game-behaviour check (`train/eval/game.py`): `game_rollout` frames
 played closed-loop by the data's own controller from `game_contexts` held-out contexts and every
-reset clip, game events counted against the held-out episodes (`game_rollout=0` skips it). `steps`,
+reset clip, game events counted against the held-out episodes (`game_rollout=0` skips it); for
+first-person worlds the play check (`train/eval/play_check.py`): `play_rollout` frames of seeded
+player-like key bursts from the same contexts, the view's uniformity, colour, sharpness and a
+turn-back test against the held-out episodes' real frames (`play_rollout=0` skips it). `steps`,
 `sampler`, `cfg_scale` and `protocol` take one value for all checkpoints or a list with one per
 checkpoint; unset, each world's own engine defaults apply. The bidirectional teacher (a world
 whose info says stage "teacher") is scored with the joint protocol (`train/eval/rollout.py`),
@@ -41,6 +44,7 @@ import torch
 from train import UsageError
 from train.eval import report
 from train.eval.game import BRICK_AFTER, game_check
+from train.eval.play_check import TURN_FRAMES, play_check
 from train.eval.probe import ProbeConfig
 from train.eval.reference import load_reference
 from train.eval.rollout import PROTOCOLS, make_rollout, pick_protocol
@@ -72,7 +76,8 @@ class EvalConfig:
     drift_contexts: int = 4           # drift rollouts, from held-out clips spread over the set ...
     drift_world: bool = True          # ... and one from each real context clip the world carries
     game_rollout: int = 600           # frames of each game-behaviour rollout (0: no game check)
-    game_contexts: int = 8            # its held-out contexts (the world's reset clips come on top)
+    game_contexts: int = 8            # held-out contexts of the game and play checks (+ the reset clips)
+    play_rollout: int = 1000          # frames of each play-check rollout, first-person worlds (0: none)
     videos: int = 4                   # sample videos per checkpoint
     batch: int = 16                   # clips generated together
     probe_steps: int = 1000
@@ -113,7 +118,7 @@ def parse_args(argv: list[str]) -> EvalConfig:
                     raise ValueError(value)
                 cfg.drift_world = value.lower() in ("true", "1")
             elif key in ("episodes", "starts", "rollout", "drift_contexts", "videos", "batch", "probe_steps",
-                         "seed", "game_rollout", "game_contexts"):
+                         "seed", "game_rollout", "game_contexts", "play_rollout"):
                 setattr(cfg, key, int(value))
             else:
                 setattr(cfg, key, value)
@@ -143,6 +148,9 @@ def parse_args(argv: list[str]) -> EvalConfig:
         raise UsageError("rollout must be >= 2, starts, batch and drift_contexts >= 1")
     if cfg.game_rollout < 0 or (cfg.game_rollout and cfg.game_rollout < 2 * BRICK_AFTER) or cfg.game_contexts < 1:
         raise UsageError(f"game_rollout must be 0 (off) or >= {2 * BRICK_AFTER} frames, game_contexts >= 1")
+    if cfg.play_rollout < 0 or (cfg.play_rollout and cfg.play_rollout < 4 * TURN_FRAMES):
+        raise UsageError(f"play_rollout must be 0 (off) or >= {4 * TURN_FRAMES} frames (1000 or more is the "
+                         "check's own length)")
     return cfg
 
 
@@ -270,13 +278,18 @@ def evaluate(cfg: EvalConfig) -> Path:
             game = game_check(world, ro, pieces, game_contexts(world, clips, ro.context, cfg.game_contexts),
                               cfg.game_rollout, cfg.seed)
         m["game"] = None if game is None else {k: v for k, v in game.items() if k != "frames"}
+        play = None
+        if cfg.play_rollout:
+            play = play_check(world, ro, pieces, game_contexts(world, clips, ro.context, cfg.game_contexts),
+                              cfg.play_rollout, cfg.seed)
+        m["play"] = None if play is None else {k: v for k, v in play.items() if k != "frames"}
         m["seconds"] = time.perf_counter() - t0
         target = out / name if multi else out
         report.write_json(target / "metrics.json", m)
         write_samples(target / "samples", clips, scored, ro.context, world.action_names, cfg.videos)
-        if game is not None:
-            for i, frames in enumerate(game["frames"][:cfg.videos]):
-                report.write_video(target / "samples" / f"game_{i}.mp4", None, frames,
+        for kind, check in (("game", game), ("play", play)):
+            for i, frames in enumerate((check or {}).get("frames", [])[:cfg.videos]):
+                report.write_video(target / "samples" / f"{kind}_{i}.mp4", None, frames,
                                    [f"{t + 1}" for t in range(len(frames))], titles=("", "played"))
         report.horizon_plots({name: m}, target)
         results[name] = m
@@ -288,7 +301,8 @@ def evaluate(cfg: EvalConfig) -> Path:
         report.horizon_plots(results, out)
     report.write_json(out / "table.json", {"rows": rows, "horizons": cfg.horizons,
                                            "seconds": time.perf_counter() - t_start})
-    (out / "table.md").write_text(report.markdown_table(rows, cfg.horizons) + report.game_table(rows))
+    (out / "table.md").write_text(report.markdown_table(rows, cfg.horizons) + report.game_table(rows)
+                                 + report.play_table(rows))
     return out
 
 
