@@ -1,4 +1,5 @@
-"""The distillation objectives' losses on hand-computed cases: causal CD, DMD, causal ODE.
+"""The distillation objectives' losses on hand-computed cases: causal CD and DMD (causal ODE:
+tests/test_ode_losses.py).
 
 Each objective is built for real (its ``__init__`` reads tiny exports written here), then its
 networks are replaced by stand-ins whose velocity is a closed-form function of their inputs, and
@@ -10,69 +11,12 @@ the wrong frames) changes these numbers.
 Conventions (worldmodel/diffusion.py): x_sigma = (1 - sigma) x0 + sigma eps, x0 = x - sigma v.
 """
 
-import json
-from dataclasses import asdict
-from pathlib import Path
-
-import pytest
 import torch
-import torch.nn as nn
-from safetensors.torch import save_file
-from tensordict import TensorDict
 
-from train.objectives import TrainContext
+from tests.standins import StandIn, batch_of, context, pin_noise, write_export
 from train.objectives.causal_cd import CausalCDConfig, CausalCDObjective
-from train.objectives.causal_ode import CausalODEConfig, CausalODEObjective
 from train.objectives.dmd import DMDConfig, DMDObjective
 from worldmodel import diffusion
-from worldmodel.dit import DiT, DiTConfig
-
-# ----- helpers -------------------------------------------------------------------------------
-
-
-def write_export(path: Path, stage: str) -> Path:
-    """A minimal transformer-stage export (dit.json + dit.safetensors) for the objectives' __init__."""
-    cfg = DiTConfig(width=32, depth=1, heads=2, latent_size=2, latent_channels=3, num_actions=3,
-                    max_frames=8, train_frames=4)
-    path.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in DiT(cfg).state_dict().items()}, str(path / "dit.safetensors"))
-    (path / "dit.json").write_text(json.dumps({"config": asdict(cfg), "action_names": ["a", "b", "c"],
-                                               "stage": stage, "tokenizer": str(path)}))
-    return path
-
-
-def context(tmp_path: Path, init_from: Path) -> TrainContext:
-    return TrainContext(device=torch.device("cpu"), dtype=torch.float32, rank=0, world_size=1,
-                        run_dir=tmp_path / "run", init_from=init_from, model={}, seed=0)
-
-
-class StandIn(nn.Module):
-    """A "network" whose velocity is ``fn(theta, x, sigma, given, clean)``, with sigma and given
-    (1 where the action is real, 0 for the null action -1) broadcast per frame. ``theta`` is its
-    one parameter (so EMA updates and gradients can be checked); every call is recorded."""
-
-    def __init__(self, theta: float, fn, trainable: bool = True):
-        super().__init__()
-        self.theta = nn.Parameter(torch.tensor(float(theta)), requires_grad=trainable)
-        self.fn = fn
-        self.calls: list[dict] = []
-
-    def forward(self, x, sigma, actions, clean=None, cache=None):
-        per = lambda t: t.float()[:, :, None, None, None]  # noqa: E731
-        self.calls.append({"x": x.detach().clone(), "sigma": sigma.detach().clone(),
-                           "actions": actions.clone(), "grad": torch.is_grad_enabled(),
-                           "clean": None if clean is None else clean.detach().clone()})
-        return self.fn(self.theta, x, per(sigma), per(actions >= 0), clean)
-
-
-def pin_noise(monkeypatch, value: float) -> None:
-    """Every randn_like inside the loss returns ``value``: the "noise" becomes a known constant."""
-    monkeypatch.setattr(torch, "randn_like", lambda x, **kw: torch.full_like(x, value))
-
-
-def batch_of(latents: torch.Tensor, actions: torch.Tensor) -> TensorDict:
-    return TensorDict({"latents": latents, "actions": actions}, batch_size=[latents.shape[0]])
-
 
 # ----- causal consistency distillation --------------------------------------------------------
 #
@@ -331,85 +275,6 @@ def test_dmd_critic_loss_trains_the_fake_score_on_generated_frames(tmp_path, mon
     assert obj.real.calls == [] and [c["grad"] for c in obj.critic.calls] == [True]
 
 
-# ----- causal ODE distillation ----------------------------------------------------------------
-#
-# Teacher stand-in v = clean * [given]: v_c = x0 (the clip's ground truth), v_u = 0, so with
-# guidance w = 2 the guided velocity is the constant 2 x0 and the Euler ODE from eps = 0.5 is a
-# straight line: state(sigma) = 0.5 - (1 - sigma) * 2 x0, endpoint 0.5 - 2 x0. With N = 8 and
-# shift 1 the grid is 1, .875, ..., .125, 0 and the stored states are those at grid points 0, 2,
-# 4, 6: sigma 1, .75, .5, .25, the 4-step list. All values are exact in the store's float16.
-
-ODE_X0 = [0.5, 1.0, -0.5, 0.25]  # per clip, every element
-
-
-def ode_objective(tmp_path, monkeypatch, student_fn) -> tuple[CausalODEObjective, torch.Tensor]:
-    ar = write_export(tmp_path / "ar", "ar")
-    obj = CausalODEObjective(CausalODEConfig(grid_points=8, shift=1.0, guidance=2.0, trajectories=4),
-                             context(tmp_path, ar))
-
-    def ode_teacher(theta, x, sigma, given, clean):
-        return clean * given
-
-    obj.teacher = StandIn(0.0, ode_teacher, trainable=False)
-    obj.student = StandIn(1.0, student_fn)
-    x0 = torch.tensor(ODE_X0)[:, None, None, None, None].expand(4, 2, 1, 1, 2).clone()
-    pin_noise(monkeypatch, 0.5)
-    obj.generate(x0, torch.zeros(4, 2, dtype=torch.long))
-    monkeypatch.undo()
-    return obj, x0
-
-
-def exact_student(theta, x, sigma, given, clean):
-    """theta * the teacher's guided velocity: theta = 1 predicts the ODE endpoint exactly."""
-    return theta * 2.0 * clean * given
-
-
-def pinned_draws(monkeypatch, idx: list[int], k: list[int]) -> None:
-    """The loss's two draws, in order: which stored clips, which stored state of each."""
-    draws = [torch.tensor(idx), torch.tensor(k)]
-    monkeypatch.setattr(torch, "randint", lambda low, high, size, **kw: draws.pop(0))
-
-
-def test_ode_store_pairs_each_state_with_its_grid_time(tmp_path, monkeypatch):
-    """store["states"][:, k] is the trajectory AT sigma_k of the 4-step list (not the state after
-    the step, not grid points 0..3), the endpoint is the ODE's end, each next to its own clip."""
-    obj, x0 = ode_objective(tmp_path, monkeypatch, exact_student)
-    sig = torch.tensor([1.0, 0.75, 0.5, 0.25])
-    torch.testing.assert_close(obj.grid[torch.tensor(obj.keep)], sig)
-    torch.testing.assert_close(obj.grid[torch.tensor(obj.keep)], diffusion.step_list(4, 1.0))
-    want = 0.5 - (1 - sig)[None, :, None, None, None, None] * 2 * x0[:, None]  # (clips, 4, F, h, w, c)
-    torch.testing.assert_close(obj.store["states"].float(), want, atol=1e-3, rtol=0)
-    torch.testing.assert_close(obj.store["endpoint"].float(), 0.5 - 2 * x0, atol=1e-3, rtol=0)
-    assert torch.equal(obj.store["gt"].float(), x0)
-
-
-def test_ode_loss_pairs_state_and_sigma(tmp_path, monkeypatch):
-    """A student equal to the guided teacher velocity maps every stored state, at ITS sigma, onto
-    the endpoint: loss 0. A state paired with the next level is off by .25 * 2 x0 -> loss > 0.
-    Every call: state = 0.5 - (1 - sigma) 2 clean, with sigma in the 4-step list."""
-    obj, _ = ode_objective(tmp_path, monkeypatch, exact_student)
-    pinned_draws(monkeypatch, idx=[2, 0, 3, 1], k=[0, 1, 2, 3])
-    loss, _ = obj.loss("student", batch_of(torch.zeros(4, 2, 1, 1, 2), torch.zeros(4, 2, dtype=torch.long)),
-                       0, obj.networks())
-    assert loss.item() < 1e-10
-    (call,) = obj.student.calls
-    torch.testing.assert_close(call["sigma"], torch.tensor([[1.0] * 2, [0.75] * 2, [0.5] * 2, [0.25] * 2]))
-    sigma = call["sigma"][:, :, None, None, None]
-    torch.testing.assert_close(call["x"], 0.5 - (1 - sigma) * 2 * call["clean"], atol=1e-3, rtol=0)
-    torch.testing.assert_close(call["clean"][:, 0, 0, 0, 0], torch.tensor([-0.5, 0.5, 0.25, 1.0]))
-
-
-def test_ode_loss_regresses_onto_the_endpoint_by_hand(tmp_path, monkeypatch):
-    """theta = 0.5: x0_hat = state - sigma gt = endpoint + sigma gt, so the per-row error is
-    sigma * gt: rows (clip 2, sigma 1), (clip 0, .75), (clip 3, .5), (clip 1, .25) give
-    (-.5)^2, .375^2, .125^2, .25^2 -> loss = 0.46875 / 4 = 0.1171875."""
-    obj, _ = ode_objective(tmp_path, monkeypatch, exact_student)
-    obj.student.theta.data.fill_(0.5)
-    pinned_draws(monkeypatch, idx=[2, 0, 3, 1], k=[0, 1, 2, 3])
-    loss, _ = obj.loss("student", batch_of(torch.zeros(4, 2, 1, 1, 2), torch.zeros(4, 2, dtype=torch.long)),
-                       0, obj.networks())
-    torch.testing.assert_close(loss, torch.tensor(0.1171875), atol=1e-6, rtol=0)
-
 
 def test_dmd_scores_judge_a_rollout_from_noise_under_its_null_first_action(tmp_path, monkeypatch):
     """A rollout started from noise makes frame 0 with the null action (no action came before
@@ -427,25 +292,3 @@ def test_dmd_scores_judge_a_rollout_from_noise_under_its_null_first_action(tmp_p
     assert all(bool((a[:, 0] == -1).all() and (a[:, 1:] == 1).all()) for a in made_with)
     for call in obj.real.calls[::2] + obj.critic.calls:  # conditioned calls (every other real call is the null)
         assert bool((call["actions"][:, 0] == -1).all() and (call["actions"][:, 1:] == 1).all()), call["actions"]
-
-
-def test_ode_trajectories_are_made_and_kept_in_fp32_under_bf16_training(tmp_path, monkeypatch):
-    """Stage training may run under bf16 autocast; the ODE targets must not: the teacher sees fp32
-    inputs (autocast off) and the store keeps fp32, so the endpoint a student regresses onto is
-    exact to fp32."""
-    dtypes = []
-
-    def teacher(theta, x, sigma, given, clean):
-        dtypes.append((x.dtype, torch.is_autocast_enabled("cpu")))
-        return clean * given
-
-    obj, _ = ode_objective(tmp_path, monkeypatch, exact_student)
-    obj.teacher = StandIn(0.0, teacher, trainable=False)
-    obj.store = {}
-    x0 = torch.full((1, 2, 1, 1, 2), 0.3)
-    pin_noise(monkeypatch, 0.5)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        obj.generate(x0.to(torch.bfloat16), torch.zeros(1, 2, dtype=torch.long))
-    assert dtypes and all(d == (torch.float32, False) for d in dtypes)
-    assert all(v.dtype in (torch.float32, torch.long) for v in obj.store.values())
-    torch.testing.assert_close(obj.store["endpoint"], 0.5 - 2 * x0.to(torch.bfloat16).float(), atol=1e-7, rtol=0)

@@ -5,7 +5,7 @@ Export layout of a transformer stage (``<run_dir>/export``):
     dit.safetensors   fp32 weights (EMA where the stage has one)
     dit.json          {"config": DiTConfig, "action_names": [...], "stage": name, "tokenizer": dir}
     world.safetensors a complete world checkpoint (tokenizer + this DiT + context frames), so
-                      ``play.py --checkpoint`` and ``train.evaluate`` can run any stage directly.
+                      ``play.py --checkpoint`` and ``train.eval`` can run any stage directly.
 """
 
 from __future__ import annotations
