@@ -1,7 +1,7 @@
 """Inference benchmark: first-frame latency, per-frame latency and FPS by step count and block size.
 
     python -m worldmodel.bench [--json] [--model small] [--tokenizer small|fine] [--threads N]
-        [--compile] [--dtype auto] [--profile]
+        [--compile] [--backend eager|ort] [--dtype auto] [--profile]
 
 Random weights at a named size (speed does not depend on the values). Each configuration runs
 the real ``Engine``: a frame costs K denoising calls + decode + the clean-cache refresh, all
@@ -15,11 +15,17 @@ model size a frame's cost is mostly per-op overhead, so the op count is the numb
 ``--tokenizer fine`` (16x16 latents) gives the same DiT 64 patch tokens per frame, 4x small's
 (``--patch 4``: 16 again, as the ``fine`` model config trains it).
 ``--profile`` prints torch.profiler's table of one steady-state frame's ops.
+``--backend ort`` runs the DiT's steady-state calls as ONNX Runtime graphs in float32
+(``worldmodel/ort_backend.py``). ORT runs out of torch's sight, so its FLOPs are counted on the
+eager float32 path (the same maths; for ``*_fused`` that is an upper bound: the eager fused call
+scores both query groups against both copies of the cache, the graph each against its own), its
+ops are the tensor ops left in Python, and its floor uses the float32 matmul rate.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import resource
 import statistics
@@ -28,11 +34,11 @@ import time
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from worldmodel.checkpoint import World
 from worldmodel.dit import DIT_SIZES, build_dit
-from worldmodel.engine import Engine, EngineConfig, auto_dtype
+from worldmodel.engine import BACKENDS, Engine, EngineConfig, auto_dtype
 from worldmodel.tokenizer import TOKENIZER_SIZES, Tokenizer, tokenizer_config
 
 CONFIGS = {  # name -> (denoising steps, frames per block, refresh fused into the next call)
@@ -44,6 +50,15 @@ CONFIGS = {  # name -> (denoising steps, frames per block, refresh fused into th
     "framewise_2step_fused": (2, 1, True),
     "chunkwise_4step_fused": (4, 3, True),
 }
+
+
+def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+# torch's FLOP counter has no formula for SDPA's CPU kernel, so attention on the SDPA path (float32,
+# and calls with many queries in bf16) counted zero FLOPs and the floor came out too low
+CPU_SDPA_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
 
 
 class OpCounter(TorchDispatchMode):
@@ -94,10 +109,10 @@ def one_frame(eng: Engine, block: int) -> None:
 
 def bench_config(size: str, steps: int, block: int, fused: bool, dtype: str, compile_: bool,
                  frames: int, train_frames: int, tokenizer: str = "small", profile: bool = False,
-                 patch: int | None = None) -> dict:
+                 patch: int | None = None, backend: str = "eager") -> dict:
     world = random_world(size, block, train_frames, tokenizer=tokenizer, patch=patch)
     eng = Engine(world, EngineConfig(steps=steps, first_frame_steps=4, dtype=dtype, compile=compile_,
-                                     sink=block, seed=0, fuse_refresh=fused))
+                                     sink=block, seed=0, fuse_refresh=fused, backend=backend))
     if compile_:  # warm the compiled graphs (cold compile is not a latency a player sees twice)
         eng.reset(None)
         for _ in range(eng.cache.slots + 2):
@@ -120,7 +135,8 @@ def bench_config(size: str, steps: int, block: int, fused: bool, dtype: str, com
     n = len(times) - len(times) % block
     frame_ms = statistics.fmean(times[:n]) if block > 1 else statistics.median(times)
     eng.flush()
-    with FlopCounterMode(display=False) as fc:
+    eager = eng.model.eager_only() if backend == "ort" else contextlib.nullcontext()
+    with eager, FlopCounterMode(display=False, custom_mapping=CPU_SDPA_FLOPS) as fc:
         one_frame(eng, block)
     flops = fc.get_total_flops() / block
     with OpCounter() as oc:
@@ -134,7 +150,8 @@ def bench_config(size: str, steps: int, block: int, fused: bool, dtype: str, com
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
     return {"first_frame_ms": round(first_ms, 2), "frame_ms": round(frame_ms, 2),
             "fps": round(1e3 / frame_ms, 1), "flops_per_frame": int(flops), "ops_per_frame": oc.ops // block,
-            "tokens_per_frame": world.dit.cfg.tokens_per_frame, "dtype": str(eng.dtype).removeprefix("torch.")}
+            "tokens_per_frame": world.dit.cfg.tokens_per_frame,
+            "dtype": str(eng.dit.patch_in.weight.dtype).removeprefix("torch.")}  # the DiT's
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", action="store_true", help="print the op profile of one frame per config")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--compile", action="store_true", help="torch.compile the dense parts")
+    p.add_argument("--backend", default="eager", choices=list(BACKENDS),
+                   help="eager (PyTorch) or ort (the DiT's steady-state calls in ONNX Runtime, float32)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     p.add_argument("--frames", type=int, default=60, help="timed steady-state frames per config")
     p.add_argument("--train-frames", type=int, default=16, help="clip length: sets the cache size")
@@ -157,15 +176,17 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     dtype = auto_dtype("cpu") if args.dtype == "auto" else getattr(torch, args.dtype)
+    if args.backend == "ort":  # the DiT runs float32 there (an explicit bfloat16 is refused below)
+        dtype = torch.float32 if args.dtype == "auto" else dtype
     width = DIT_SIZES[args.model]["width"]
     rate = matmul_rate(width, dtype)
     out: dict = {"model": args.model, "tokenizer": args.tokenizer, "threads": torch.get_num_threads(),
-                 "compile": args.compile,
+                 "compile": args.compile, "backend": args.backend,
                  "dtype": str(dtype).removeprefix("torch."), "matmul_gflops": round(rate, 1)}
     for name in args.only or CONFIGS:
         steps, block, fused = CONFIGS[name]
         r = bench_config(args.model, steps, block, fused, args.dtype, args.compile, args.frames,
-                         args.train_frames, args.tokenizer, args.profile, args.patch)
+                         args.train_frames, args.tokenizer, args.profile, args.patch, args.backend)
         r["floor_ms"] = round(r["flops_per_frame"] / rate / 1e6, 2)
         r["floor_ratio"] = round(r["frame_ms"] / r["floor_ms"], 2)
         out[name] = r
@@ -185,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(out, indent=2))
     else:
         print(f"{out['tokens_per_frame']} tokens per frame; matmul {out['matmul_gflops']} GFLOP/s "
-              f"({out['dtype']}, {out['threads']} threads), peak RSS {out['peak_rss_mb']} MB"
+              f"({out['dtype']}, {out['threads']} threads, backend {out['backend']}), peak RSS {out['peak_rss_mb']} MB"
               + (f"; first frame frame-wise 2-step / chunk-wise 4-step {out['first_frame_ratio']}"
                  if "first_frame_ratio" in out else ""))
     return 0
