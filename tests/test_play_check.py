@@ -138,3 +138,18 @@ def test_a_world_that_melts_into_red_fails_the_play_check_over_a_long_rollout():
 def test_play_check_skips_worlds_without_turns():
     breakout = SimpleNamespace(action_names=["NOOP", "FIRE", "RIGHT", "LEFT"])
     assert play_check(breakout, PanoramaWorld(), real_pieces(), contexts(), 100, 0) is None
+
+
+def test_one_colour_flag_still_fails_red_when_real_views_are_mostly_one_wall():
+    """Real first-person views are often two thirds one wall: the mean dominant-colour share of
+    the real frames is then ~0.65, and a bar of 2x that would pass a red screen. The flag counts
+    frames one colour covers (>= 80%) instead, which the real frames never are and red always is."""
+    rng = np.random.default_rng(0)
+    real = np.empty((50, 64, 64, 3), np.uint8)
+    real[:] = (120, 80, 40)                                     # a brown wall ...
+    real[:, :, 42:] = rng.integers(0, 256, (50, 64, 22, 3))     # ... beside a busy third of the view
+    stats = summarise([real])
+    assert 0.6 < stats["dominant_colour_share"] < 0.75 and stats["one_colour_share"] == 0.0
+    red = summarise([np.full((50, 64, 64, 3), (190, 25, 25), np.uint8)])
+    assert not compare(red, stats, margin_db=5.0)["passes"]["one_colour"]
+    assert red["dominant_colour_share"] <= 2 * stats["dominant_colour_share"]  # the old reading passed it

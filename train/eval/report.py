@@ -113,7 +113,7 @@ def play_table(rows: list[dict]) -> str:
     rows = [r for r in rows if "play_uniform" in r]
     if not rows:
         return ""
-    head = ["checkpoint", "near-uniform frames (real)", "one-colour pixels (real)", "sharpness / real",
+    head = ["checkpoint", "near-uniform frames (real)", "one-colour frames (real)", "sharpness / real",
             "colour distance (last quarter)", "turn-back margin dB", "bars failed"]
     lines = ["\n### Play (player-like keys)\n", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
