@@ -94,3 +94,21 @@ def test_resume_under_torchrun(runs: Path, parallel: str) -> None:
     assert "from step_00000002.pt (step 2)" in log
     ck = torch.load(sorted((runs / parallel / "ar" / "checkpoints").glob("step_*.pt"))[-1], weights_only=True)
     assert ck["step"] == 3 and ck["counts"]["dit"] == 3
+
+
+def test_two_processes_train_what_one_process_trains_on_the_same_global_batch(runs: Path, tmp_path: Path) -> None:
+    """Rank r takes windows r, r + 2, ... of one shared shuffle, so two ranks of 4 clips draw the
+    same 8 clips as one process of 8, and DDP's mean of their gradients is the gradient of that
+    batch. The tokenizer's loss has no noise draw, so its weights must match a one-process run
+    (the latent statistics fitted at export are left out: rank 0 fits them on its own batches)."""
+    from train.app import main as train_main
+
+    one = tmp_path / "one"
+    assert train_main([f"data={runs / 'data'}", "model=tiny", f"runs_root={one}", "max_steps=2", "progress=false",
+                       "device=cpu", "dtype=fp32", "stage=tokenizer", "data.batch_size=8",
+                       "stage.norm_batches=1"]) == 0
+    a, b = exported(one / "tokenizer"), exported(runs / "ddp" / "tokenizer")
+    weights = [k for k in a if a[k].is_floating_point() and "stat" not in k and "mean" not in k and "std" not in k]
+    assert len(weights) > 10
+    for k in weights:
+        torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=1e-4, msg=lambda m: f"{k}: {m}")
