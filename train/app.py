@@ -8,8 +8,8 @@ log files) and every output goes to `run_dir`. `data=<dir>` is short for `data.p
 
 from __future__ import annotations
 
-import re
 import sys
+from dataclasses import fields
 from importlib.resources import files
 from pathlib import Path
 
@@ -24,7 +24,7 @@ from train.interrupt import Stopped
 from train.configs import register_stage_schemas
 from train.help import describe
 from train.loop import LoopConfig, loop_config, train
-from train.objectives import get_objective
+from train.objectives import available_stages, get_objective
 from train.pipeline import run_pipeline, split_stage_options
 from worldmodel.checkpoint import CheckpointError
 
@@ -93,18 +93,29 @@ def normalize_overrides(overrides: list[str]) -> list[str]:
     return out
 
 
+def check_stage_keys(overrides: list[str]) -> None:
+    """A ``stage.<key>=`` the stage's dataclass does not have is a typo: say so and where the
+    options are listed (hydra's own message would suggest ``+stage.<key>``, which only fails later)."""
+    stage = next((o.partition("=")[2] for o in overrides if o.startswith("stage=")), None)
+    if stage not in available_stages():  # stage=all routes stage.<key> itself; none given: hydra's check
+        return
+    known = {f.name for f in fields(get_objective(stage).Config)} | {"name"}
+    for o in overrides:
+        key = o.partition("=")[0]
+        if key.startswith("stage.") and key.split(".")[1] not in known:
+            raise UsageError(f"{key} is not an option of stage={stage}; "
+                             f"`python -m train --help stage={stage}` lists them")
+
+
 def compose_config(overrides: list[str]) -> DictConfig:
     """The composed, not yet resolved, config for these command-line overrides."""
     register_stage_schemas()
+    overrides = normalize_overrides(overrides)
+    check_stage_keys(overrides)
     try:
         with initialize_config_module(config_module="train.configs", version_base="1.3"):
-            return compose(config_name="config", overrides=normalize_overrides(overrides))
+            return compose(config_name="config", overrides=overrides)
     except (HydraException, OmegaConfBaseException) as e:
-        key = re.search(r"Could not override '(stage\.[\w.]+)'", str(e))
-        if key:  # not "use +stage.x": a stage key that is not in the stage's dataclass is a typo
-            stage = next((o.partition("=")[2] for o in overrides if o.startswith("stage=")), "<stage>")
-            raise UsageError(f"{key.group(1)} is not an option of stage={stage}; "
-                             f"`python -m train --help stage={stage}` lists them") from None
         raise UsageError(f"bad override in {overrides}: {e}") from None
 
 

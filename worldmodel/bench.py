@@ -17,9 +17,8 @@ model size a frame's cost is mostly per-op overhead, so the op count is the numb
 ``--profile`` prints torch.profiler's table of one steady-state frame's ops.
 ``--backend ort`` runs the DiT's steady-state calls as ONNX Runtime graphs in float32
 (``worldmodel/ort_backend.py``). ORT runs out of torch's sight, so its FLOPs are counted on the
-eager float32 path (the same maths; for ``*_fused`` that is an upper bound: the eager fused call
-scores both query groups against both copies of the cache, the graph each against its own), its
-ops are the tensor ops left in Python, and its floor uses the float32 matmul rate.
+eager float32 path (the same maths), its ops are the tensor ops left in Python, and its floor
+uses the float32 matmul rate.
 """
 
 from __future__ import annotations
@@ -164,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", action="store_true", help="print the op profile of one frame per config")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--compile", action="store_true", help="torch.compile the dense parts")
-    p.add_argument("--backend", default="eager", choices=list(BACKENDS),
+    p.add_argument("--backend", default="eager", choices=[b for b in BACKENDS if b != "auto"],  # say which
                    help="eager (PyTorch) or ort (the DiT's steady-state calls in ONNX Runtime, float32)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     p.add_argument("--frames", type=int, default=60, help="timed steady-state frames per config")

@@ -155,7 +155,6 @@ class OrtDiT:
         self.enabled = True  # False: every call runs eager (``eager_only``)
         self.runs: Counter[str] = Counter()  # graph runs per kind (the rest ran eager)
         self._sessions: dict[tuple[str, int], object] = {}
-        self._written_masks: dict[tuple, torch.Tensor] = {}
         self._onnx = {kind: self._export(kind) for kind in _NAMES}
         for kind in _NAMES:
             self._session(kind)
@@ -247,16 +246,13 @@ class OrtDiT:
         cache.advance(self.dit.cfg.frames_per_block)
 
     def _written(self, slots: list[list[int]]) -> torch.Tensor:
-        """(B, 1, slots * P, 1) bool: the tokens of each world's ``slots`` (the block being written),
-        memoised per ring position."""
-        key = tuple(map(tuple, slots))
-        if key not in self._written_masks:
-            p = self.dit.cfg.tokens_per_frame
-            mask = torch.zeros(len(slots), self.slots, dtype=torch.bool)
-            for w, s in enumerate(slots):
-                mask[w, s] = True
-            self._written_masks[key] = mask.repeat_interleave(p, 1)[:, None, :, None].contiguous()
-        return self._written_masks[key]
+        """(B, 1, slots * P, 1) bool: the tokens of each world's ``slots`` (the block being written).
+        Built per call (a few small ops): worlds of a vector env reset at different frames, so a
+        memo keyed by their slots would grow with every autoreset."""
+        mask = torch.zeros(len(slots), self.slots, dtype=torch.bool)
+        for w, s in enumerate(slots):
+            mask[w, s] = True
+        return mask.repeat_interleave(self.dit.cfg.tokens_per_frame, 1)[:, None, :, None].contiguous()
 
     # ---- the calls ----------------------------------------------------------------------------
     def forward_cached(self, x: torch.Tensor, sigma: torch.Tensor, actions: torch.Tensor,

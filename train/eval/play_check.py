@@ -37,6 +37,7 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 
+from record.explorer import REQUIRED  # the first-person action set: forward and both turns
 from train.eval.metrics import psnr
 
 UNIFORM_STD = 6.0        # grey-level std (0..255) under which a frame counts as near-uniform
@@ -56,7 +57,6 @@ BURSTS: dict[str, tuple[float, tuple[int, int]]] = {
     "BACKWARD": (0.02, (3, 8)),
     "NOOP": (0.02, (3, 8)),
 }
-REQUIRED = ("FORWARD", "TURN_LEFT", "TURN_RIGHT")
 BARS = {"uniform_factor": 2.0, "uniform_points": 0.05, "sharpness_ratio": 0.5, "turn_back_db": 1.0}
 
 
@@ -100,35 +100,40 @@ def colour_bins(frames: np.ndarray) -> np.ndarray:
     return (q[..., 0] * COLOUR_LEVELS + q[..., 1]) * COLOUR_LEVELS + q[..., 2]
 
 
-def colour_histogram(frames: np.ndarray) -> np.ndarray:
-    """Normalised coarse colour histogram (COLOUR_LEVELS^3,) of frames (T, H, W, 3) uint8."""
-    h = np.bincount(colour_bins(frames).ravel(), minlength=COLOUR_LEVELS ** 3).astype(np.float64)
-    return h / max(h.sum(), 1.0)
+def _counts(bins: np.ndarray) -> np.ndarray:
+    return np.bincount(bins.ravel(), minlength=COLOUR_LEVELS ** 3).astype(np.float64)
 
 
 def frame_stats(frames: np.ndarray) -> dict:
-    """Per-sequence numbers of frames (T, H, W, 3) uint8 (see the module docstring)."""
+    """Per-sequence counts of frames (T, H, W, 3) uint8 (see the module docstring), each read once:
+    ``pool`` turns any set of them into rates."""
     grey = _grey(frames)
     std = grey.reshape(len(frames), -1).std(axis=1)
-    dominant = [np.bincount(b.ravel()).max() / b.size for b in colour_bins(frames)]
+    bins = colour_bins(frames)
+    dominant = np.array([np.bincount(b.ravel()).max() / b.size for b in bins])
     lap = [cv2.Laplacian(g, cv2.CV_32F).var() for g in grey]
     return {"frames": len(frames), "near_uniform": int((std < UNIFORM_STD).sum()),
-            "one_colour": int((np.array(dominant) >= ONE_COLOUR_COVER).sum()),
-            "dominant_sum": float(np.sum(dominant)), "sharpness_sum": float(np.sum(lap))}
+            "one_colour": int((dominant >= ONE_COLOUR_COVER).sum()),
+            "dominant_sum": float(dominant.sum()), "sharpness_sum": float(np.sum(lap)),
+            "colours": _counts(bins), "late_colours": _counts(bins[len(bins) - max(1, len(bins) // 4):])}
 
 
-def summarise(sequences: Sequence[np.ndarray]) -> dict:
-    """Pooled rates over sequences of frames, with the colour histograms for ``colour_distance``."""
-    stats = [frame_stats(s) for s in sequences]
+def pool(stats: Sequence[dict]) -> dict:
+    """Pooled rates over sequences' ``frame_stats``, with the normalised colour histograms (whole
+    sequences and their last quarters) for ``colour_distance``."""
     n = max(sum(s["frames"] for s in stats), 1)
-    late = [s[len(s) - max(1, len(s) // 4):] for s in sequences]
+    colours, late = sum(s["colours"] for s in stats), sum(s["late_colours"] for s in stats)
     return {"sequences": len(stats), "frames": n,
             "near_uniform_share": sum(s["near_uniform"] for s in stats) / n,
             "one_colour_share": sum(s["one_colour"] for s in stats) / n,
             "dominant_colour_share": sum(s["dominant_sum"] for s in stats) / n,
             "sharpness": sum(s["sharpness_sum"] for s in stats) / n,
-            "histogram": colour_histogram(np.concatenate(list(sequences))),
-            "late_histogram": colour_histogram(np.concatenate(late))}
+            "histogram": colours / max(colours.sum(), 1.0), "late_histogram": late / max(late.sum(), 1.0)}
+
+
+def summarise(sequences: Sequence[np.ndarray]) -> dict:
+    """``pool`` of the ``frame_stats`` of sequences of frames."""
+    return pool([frame_stats(s) for s in sequences])
 
 
 def colour_distance(a: np.ndarray, b: np.ndarray) -> float:
@@ -179,8 +184,8 @@ def play_check(world, ro, pieces, contexts: tuple[np.ndarray, np.ndarray], frame
                    np.concatenate([np.tile(back, (b, 1)), np.tile(away, (b, 1))]), seed)
     margins = turn_back_margin(ctx_frames[:, -1], turns[:b, -1], turns[b:, -1])
     real = summarise([ep.frames for ep in pieces])
-    made = summarise(list(gen))
-    per_context = [summarise([g]) for g in gen]
+    stats = [frame_stats(g) for g in gen]  # each rollout read once, pooled two ways
+    made, per_context = pool(stats), [pool([s]) for s in stats]
     margin = float(np.mean(margins))
     return {"rollout_frames": frames, "contexts": b, "turn_frames": k,
             "real": {k_: v for k_, v in real.items() if "histogram" not in k_},

@@ -69,7 +69,7 @@ def table_row(name: str, m: dict) -> dict:
                    play_colour=w["one_colour_share"], play_colour_real=r["one_colour_share"],
                    play_sharpness=play["sharpness_ratio"], play_hist=play["colour_distance"],
                    play_hist_late=play["late_colour_distance"], play_turn_back=play["turn_back_margin_db"],
-                   play_failed=",".join(k for k, v in play["passes"].items() if not v) or "ok")
+                   play_failed=failed_bars(play["passes"]))
     game = m.get("game")
     if game:
         w, r = game["world"], game["real"]
@@ -79,7 +79,7 @@ def table_row(name: str, m: dict) -> dict:
                    game_bricks_real=r["brick_breaks_per_1000"], game_restored=w["bricks_restored_per_1000"],
                    game_kept=w.get("bricks_kept_broken_per_1000"), game_kept_real=r.get("bricks_kept_broken_per_1000"),
                    game_rewards=w.get("reward_events_per_1000"), game_rewards_real=r.get("reward_events_per_1000"),
-                   game_failed=",".join(k for k, v in game["passes"].items() if not v) or "ok")
+                   game_failed=failed_bars(game["passes"]))
         if game.get("tokenizer"):
             row.update(game_ball_tok=game["tokenizer"]["ball_share"])
     return row
@@ -106,6 +106,11 @@ def game_table(rows: list[dict]) -> str:
                  "against the held-out episodes (tokenizer: those episodes encoded and decoded, the ceiling); bars: ball shown >= 0.8x real, bricks kept broken (breaks minus restored) >= 0.5x real, "
                  "vanish <= 0.1 per flight (train/eval/game.py).\n")
     return "\n".join(lines)
+
+
+def failed_bars(passes: dict[str, bool]) -> str:
+    """The table cell for a check's bars: the failed ones, or "ok"."""
+    return ",".join(k for k, v in passes.items() if not v) or "ok"
 
 
 def play_table(rows: list[dict]) -> str:

@@ -273,15 +273,13 @@ def evaluate(cfg: EvalConfig) -> Path:
                        "clips": sorted(set(clips.episode))},
              "reference": {"path": str(ref.path), "probe_pairs": ref.pairs, "frames": ref.frames},
              "training": training_cost(path, world.info)}
-        game = None
+        game = play = None
+        contexts = game_contexts(world, clips, ro.context, cfg.game_contexts)  # both checks start from these
         if cfg.game_rollout:
-            game = game_check(world, ro, pieces, game_contexts(world, clips, ro.context, cfg.game_contexts),
-                              cfg.game_rollout, cfg.seed)
+            game = game_check(world, ro, pieces, contexts, cfg.game_rollout, cfg.seed)
         m["game"] = None if game is None else {k: v for k, v in game.items() if k != "frames"}
-        play = None
         if cfg.play_rollout:
-            play = play_check(world, ro, pieces, game_contexts(world, clips, ro.context, cfg.game_contexts),
-                              cfg.play_rollout, cfg.seed)
+            play = play_check(world, ro, pieces, contexts, cfg.play_rollout, cfg.seed)
         m["play"] = None if play is None else {k: v for k, v in play.items() if k != "frames"}
         m["seconds"] = time.perf_counter() - t0
         target = out / name if multi else out
